@@ -1,0 +1,430 @@
+"""The trio driver: runs a :class:`YamuxConnection` over any ``trio.abc.Stream``.
+
+Task ownership (all inside the nursery of :func:`open_session`):
+
+* the **reader** receives from the transport and feeds the core; it only appends to
+  per-stream buffers (bounded by the receive window) and sets events, so a slow consumer
+  never stops it, and pings and window updates keep flowing;
+* the **writer** sends what the core has queued (control frames first) as one ``send_all``
+  per batch, so the transport has a single writer;
+* the **timer** task sends keepalive pings and enforces the stream open/close timeouts.
+
+When the session ends, for whatever reason, every waiting task wakes with a
+:class:`SessionClosed` (or a subclass saying why).
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+
+from .config import Config
+from .connection import (
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    PongReceived,
+    ResetReceived,
+    StreamAcked,
+    StreamEnded,
+    StreamOpened,
+    WindowUpdated,
+    YamuxConnection,
+)
+from .errors import GoAwayError, KeepAliveTimeout, SessionClosed, SessionTimeout
+from .stream import Stream
+
+#: Bytes asked of the transport per read.
+RECEIVE_SIZE = 256 * 1024
+#: Data bytes per ``send_all`` on the transport, and the most the send queue holds.
+WRITE_BATCH = 256 * 1024
+WRITE_QUEUE_LIMIT = 1024 * 1024
+
+_OPEN_TIMER = 0
+_CLOSE_TIMER = 1
+
+
+def _wake(event: trio.Event | None) -> None:
+    if event is not None:
+        event.set()
+
+
+@asynccontextmanager
+async def open_session(
+    transport: trio.abc.Stream, *, client: bool, config: Config | None = None
+) -> AsyncIterator[Session]:
+    """Run a yamux session over ``transport`` for the duration of the ``async with``.
+
+    Args:
+        transport: any connected byte stream (TCP, TLS, a WebSocket adapter, ...).
+        client: ``True`` on the side that opens odd stream ids (the dialing side).
+        config: defaults mirror hashicorp/yamux.
+
+    Leaving the block flushes what is queued, sends GoAway, closes the transport and ends
+    every task the session started. The block itself is never cancelled by the session.
+    """
+    session = Session(transport, client=client, config=config)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session._run_reader)
+        nursery.start_soon(session._run_writer)
+        nursery.start_soon(session._run_timers)
+        try:
+            yield session
+        finally:
+            try:
+                await session.aclose()
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+class Session:
+    """A yamux session. Create it with :func:`open_session`."""
+
+    def __init__(
+        self, transport: trio.abc.Stream, *, client: bool, config: Config | None = None
+    ) -> None:
+        self.config = config = config or Config()
+        self.client = client
+        self._transport = transport
+        self._conn = YamuxConnection(client=client, config=config)
+        self._streams: dict[int, Stream] = {}
+        self._incoming: dict[int, Stream] = {}
+        self._close_reason: SessionClosed | None = None
+        self._writer_wakeup: trio.Event | None = None
+        self._writer_done = trio.Event()
+        self._accept_waiter: trio.Event | None = None
+        self._open_waiter: trio.Event | None = None
+        self._queue_waiters: set[Stream] = set()
+        self._pings: dict[int, trio.Event] = {}
+        self._next_ping_id = 0
+        self._timers: list[tuple[float, int, int]] = []
+        self._timer_wakeup = trio.Event()
+        self._last_inbound = 0.0
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def num_streams(self) -> int:
+        """Streams that are open in at least one direction."""
+        return self._conn.num_streams
+
+    @property
+    def is_closed(self) -> bool:
+        return self._close_reason is not None
+
+    @property
+    def close_reason(self) -> SessionClosed | None:
+        """``None`` while the session runs; afterwards the error that ended it."""
+        return self._close_reason
+
+    async def open_stream(self) -> Stream:
+        """Open a new stream. Data may be sent at once, before the peer's ACK.
+
+        Like hashicorp, waits while ``accept_backlog`` streams we opened are still unACKed.
+
+        Raises:
+            GoAwayError: a GoAway is in force. SessionClosed: the session has ended.
+            StreamsExhausted: no stream ids are left.
+        """
+        await trio.lowlevel.checkpoint()
+        while self._conn.unacked_streams >= self.config.accept_backlog:
+            self._raise_if_closed()
+            self._open_waiter = waiter = trio.Event()
+            await waiter.wait()
+        self._raise_if_closed()
+        stream_id = self._conn.open_stream()
+        stream = self._streams[stream_id] = Stream(self, stream_id)
+        if self.config.stream_open_timeout is not None:
+            self._add_timer(self.config.stream_open_timeout, _OPEN_TIMER, stream_id)
+        self._wake_writer()
+        return stream
+
+    async def accept_stream(self) -> Stream:
+        """Wait for the next stream the peer opens.
+
+        Raises:
+            SessionClosed: the session has ended.
+        """
+        await trio.lowlevel.checkpoint()
+        while True:
+            stream_id = self._conn.accept()
+            if stream_id is not None:
+                return self._incoming.pop(stream_id)
+            self._raise_if_closed()
+            self._accept_waiter = waiter = trio.Event()
+            await waiter.wait()
+
+    def __aiter__(self) -> AsyncIterator[Stream]:
+        return self
+
+    async def __anext__(self) -> Stream:
+        try:
+            return await self.accept_stream()
+        except SessionClosed:
+            raise StopAsyncIteration from None
+
+    async def ping(self) -> float:
+        """Send a ping and return the round-trip time in seconds."""
+        await trio.lowlevel.checkpoint()
+        self._raise_if_closed()
+        opaque = self._next_ping_id
+        self._next_ping_id = (opaque + 1) & 0xFFFFFFFF
+        self._pings[opaque] = answered = trio.Event()
+        started = trio.current_time()
+        self._conn.ping(opaque)
+        self._wake_writer()
+        try:
+            await answered.wait()
+        finally:
+            del self._pings[opaque]
+        self._raise_if_closed()
+        return trio.current_time() - started
+
+    async def go_away(self) -> None:
+        """Tell the peer we accept no new streams and open none; existing streams go on."""
+        await trio.lowlevel.checkpoint()
+        self._raise_if_closed()
+        self._conn.go_away()
+        self._wake_writer()
+
+    async def aclose(self) -> None:
+        """Flush queued frames, send GoAway, close the transport. Idempotent."""
+        if self._close_reason is None:
+            self._conn.go_away()
+            self._terminate(SessionClosed("the session was closed by this side"))
+        try:
+            with trio.move_on_after(self.config.connection_write_timeout):
+                await self._writer_done.wait()
+        finally:
+            await trio.aclose_forcefully(self._transport)
+
+    # -- used by Stream -------------------------------------------------------------------
+
+    def _raise_if_closed(self) -> None:
+        reason = self._close_reason
+        if reason is not None:
+            # A fresh instance per raise: one exception object must not be raised by
+            # several tasks, and the original keeps its own traceback as the cause.
+            raise copy.copy(reason) from reason
+
+    def _wake_writer(self) -> None:
+        waiter = self._writer_wakeup
+        if waiter is not None:
+            self._writer_wakeup = None
+            waiter.set()
+
+    def _queue_data(self, stream: Stream, data: bytes | memoryview) -> int:
+        room = WRITE_QUEUE_LIMIT - self._conn.queued_data_bytes
+        sent = self._conn.send_data(stream.stream_id, data, room)
+        if sent:
+            self._wake_writer()
+        elif room <= 0:
+            self._queue_waiters.add(stream)
+        return sent
+
+    def _send_would_block(self, stream: Stream) -> bool:
+        if self._conn.queued_data_bytes >= WRITE_QUEUE_LIMIT:
+            self._queue_waiters.add(stream)
+            return True
+        return self._conn.send_window(stream.stream_id) <= 0
+
+    def _consumed(self, stream: Stream, nbytes: int) -> None:
+        self._conn.consume(stream.stream_id, nbytes)
+        if self._conn.has_data_to_send():
+            self._wake_writer()
+
+    def _close_stream(self, stream: Stream) -> None:
+        self._conn.close_stream(stream.stream_id)
+        self._after_local_close(stream)
+
+    def _abandon_stream(self, stream: Stream) -> None:
+        self._conn.abandon_stream(stream.stream_id)
+        self._streams.pop(stream.stream_id, None)
+        self._after_local_close(stream)
+
+    def _after_local_close(self, stream: Stream) -> None:
+        state = self._conn.stream(stream.stream_id)
+        if state is None:
+            self._streams.pop(stream.stream_id, None)
+        elif self.config.stream_close_timeout is not None:
+            self._add_timer(self.config.stream_close_timeout, _CLOSE_TIMER, stream.stream_id)
+        self._wake_writer()
+
+    def _reset_stream(self, stream: Stream) -> None:
+        self._conn.reset_stream(stream.stream_id)
+        self._streams.pop(stream.stream_id, None)
+        self._wake_open_waiter()
+        self._wake_writer()
+
+    # -- ending -----------------------------------------------------------------------------
+
+    def _terminate(self, reason: SessionClosed) -> None:
+        """End the session: wake every waiter; the writer flushes, then closes."""
+        if self._close_reason is not None:
+            return
+        self._close_reason = reason
+        for stream in self._streams.values():
+            stream._wake_all()
+        for stream in self._incoming.values():
+            stream._wake_all()
+        for answered in self._pings.values():
+            answered.set()
+        _wake(self._accept_waiter)
+        self._wake_open_waiter()
+        self._wake_writer()
+        self._timer_wakeup.set()
+
+    def _wake_open_waiter(self) -> None:
+        waiter, self._open_waiter = self._open_waiter, None
+        _wake(waiter)
+
+    # -- background tasks -------------------------------------------------------------------
+
+    async def _run_reader(self) -> None:
+        receive = self._transport.receive_some
+        feed = self._conn.receive_data
+        try:
+            while self._close_reason is None:
+                data = await receive(RECEIVE_SIZE)
+                self._last_inbound = trio.current_time()
+                if not data:
+                    self._terminate(SessionClosed("the peer closed the connection"))
+                    return
+                events = feed(data)
+                if events:
+                    self._dispatch(events)
+                if self._conn.has_data_to_send():
+                    self._wake_writer()
+        except SessionClosed as exc:  # ProtocolError from the core; GoAway(1) is queued
+            self._terminate(exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            reason = SessionClosed(f"the transport failed: {exc!r}")
+            reason.__cause__ = exc
+            self._terminate(reason)
+
+    def _dispatch(self, events: list[Event]) -> None:
+        streams = self._streams
+        for event in events:
+            kind = type(event)
+            if kind is DataReceived:
+                assert isinstance(event, DataReceived)
+                stream = streams.get(event.stream_id)
+                if stream is None:  # closed by us meanwhile: give the credit back
+                    self._conn.consume(event.stream_id, len(event.data))
+                else:
+                    stream._data_received(event.data)
+            elif kind is WindowUpdated:
+                stream = streams.get(event.stream_id)  # type: ignore[union-attr]
+                if stream is not None:
+                    stream._wake_sender()
+            elif kind is StreamOpened:
+                stream = Stream(self, event.stream_id)  # type: ignore[union-attr]
+                streams[stream.stream_id] = self._incoming[stream.stream_id] = stream
+                _wake(self._accept_waiter)
+                self._accept_waiter = None
+            elif kind is StreamEnded:
+                stream = streams.get(event.stream_id)  # type: ignore[union-attr]
+                if stream is not None:
+                    stream._end_received()
+                    if self._conn.stream(stream.stream_id) is None:
+                        del streams[stream.stream_id]
+            elif kind is ResetReceived:
+                stream = streams.pop(event.stream_id, None)  # type: ignore[union-attr]
+                if stream is not None:
+                    stream._reset_received()
+                self._wake_open_waiter()
+            elif kind is StreamAcked:
+                self._wake_open_waiter()
+            elif kind is PongReceived:
+                answered = self._pings.get(event.opaque)  # type: ignore[union-attr]
+                if answered is not None:
+                    answered.set()
+            elif kind is GoAwayReceived:
+                code = event.code  # type: ignore[union-attr]
+                if code:
+                    self._terminate(GoAwayError(f"the peer sent GoAway({code})", code))
+                else:
+                    self._wake_open_waiter()
+
+    async def _run_writer(self) -> None:
+        conn = self._conn
+        try:
+            while True:
+                if not conn.has_data_to_send():
+                    if self._close_reason is not None:
+                        break
+                    self._writer_wakeup = waiter = trio.Event()
+                    await waiter.wait()
+                    continue
+                batch = conn.data_to_send(WRITE_BATCH)
+                with trio.move_on_after(self.config.connection_write_timeout) as scope:
+                    await self._transport.send_all(batch)
+                if scope.cancelled_caught:
+                    self._terminate(SessionTimeout("a write to the transport timed out"))
+                    break
+                if self._queue_waiters:
+                    waiters, self._queue_waiters = self._queue_waiters, set()
+                    for stream in waiters:
+                        stream._wake_sender()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            reason = SessionClosed(f"the transport failed: {exc!r}")
+            reason.__cause__ = exc
+            self._terminate(reason)
+        finally:
+            self._writer_done.set()
+        await trio.aclose_forcefully(self._transport)
+
+    def _add_timer(self, delay: float, kind: int, stream_id: int) -> None:
+        deadline = trio.current_time() + delay
+        if not self._timers or deadline < self._timers[0][0]:
+            self._timer_wakeup.set()
+        heapq.heappush(self._timers, (deadline, kind, stream_id))
+
+    async def _run_timers(self) -> None:
+        config = self.config
+        keepalive_at = math.inf
+        if config.enable_keepalive:
+            keepalive_at = trio.current_time() + config.keepalive_interval
+        ping_sent_at = math.inf
+        while self._close_reason is None:
+            deadline = min(keepalive_at, ping_sent_at + config.ping_timeout)
+            if self._timers:
+                deadline = min(deadline, self._timers[0][0])
+            self._timer_wakeup = trio.Event()
+            with trio.move_on_at(deadline):
+                await self._timer_wakeup.wait()
+            now = trio.current_time()
+            if ping_sent_at <= self._last_inbound:
+                ping_sent_at = math.inf  # any frame from the peer proves it is alive
+            elif now >= ping_sent_at + config.ping_timeout:
+                self._terminate(KeepAliveTimeout("the peer did not answer a keepalive ping"))
+                return
+            if now >= keepalive_at:
+                keepalive_at = now + config.keepalive_interval
+                if ping_sent_at == math.inf:
+                    ping_sent_at = now
+                    self._conn.ping(self._next_ping_id)
+                    self._next_ping_id = (self._next_ping_id + 1) & 0xFFFFFFFF
+                    self._wake_writer()
+            while self._timers and self._timers[0][0] <= now:
+                _, kind, stream_id = heapq.heappop(self._timers)
+                self._stream_timer_expired(kind, stream_id)
+
+    def _stream_timer_expired(self, kind: int, stream_id: int) -> None:
+        state = self._conn.stream(stream_id)
+        if state is None:
+            return
+        if kind == _OPEN_TIMER and not state.acked:
+            self._terminate(SessionTimeout(f"stream {stream_id} was not acknowledged in time"))
+        elif kind == _CLOSE_TIMER and not state.remote_closed:
+            # The peer never half-closed after our FIN: free the stream (hashicorp does too).
+            stream = self._streams.pop(stream_id, None)
+            self._conn.reset_stream(stream_id)
+            if stream is not None:
+                stream._reset_received()
+            self._wake_writer()

@@ -1,0 +1,209 @@
+"""A yamux stream as a ``trio.abc.HalfCloseableStream``."""
+
+from __future__ import annotations
+
+import operator
+from collections import deque
+from typing import TYPE_CHECKING
+
+import trio
+
+from .errors import StreamReset
+
+if TYPE_CHECKING:
+    from .session import Session
+
+
+class _ConflictDetector:
+    """Raise ``trio.BusyResourceError`` when two tasks use one direction at once."""
+
+    __slots__ = ("_busy", "_message")
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+        self._busy = False
+
+    def __enter__(self) -> None:
+        if self._busy:
+            raise trio.BusyResourceError(self._message)
+        self._busy = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._busy = False
+
+
+class Stream(trio.abc.HalfCloseableStream):
+    """One yamux stream. Get it from ``Session.open_stream`` or ``Session.accept_stream``.
+
+    ``send_eof`` sends FIN; reading goes on until the peer's FIN. ``aclose`` also stops
+    reading: data the peer sends afterwards is answered with RST. ``reset`` aborts both
+    directions at once. A reset stream raises :class:`StreamReset` (a
+    ``trio.BrokenResourceError``); a dead session raises ``SessionClosed``.
+    """
+
+    def __init__(self, session: Session, stream_id: int) -> None:
+        self._session = session
+        self.stream_id = stream_id
+        self._chunks: deque[bytes] = deque()
+        self._offset = 0  # into self._chunks[0]
+        self._eof = False  # the peer's FIN arrived
+        self._reset = False  # RST sent or received
+        self._reset_by_peer = False
+        self._send_closed = False  # our FIN is queued
+        self._closed = False  # aclose() was called
+        self._receive_waiter: trio.Event | None = None
+        self._send_waiter: trio.Event | None = None
+        self._receive_conflict = _ConflictDetector("another task is receiving on this stream")
+        self._send_conflict = _ConflictDetector("another task is sending on this stream")
+
+    def __repr__(self) -> str:
+        return f"<yamux Stream {self.stream_id}>"
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be at least 1")
+        with self._receive_conflict:
+            await trio.lowlevel.checkpoint()
+            while not self._chunks:
+                self._raise_if_unusable()
+                if self._eof:
+                    return b""
+                self._session._raise_if_closed()
+                self._receive_waiter = waiter = trio.Event()
+                await waiter.wait()
+            self._raise_if_unusable()
+            data = self._take(max_bytes)
+            self._session._consumed(self, len(data))
+            return data
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        chunks = self._chunks
+        chunk = chunks[0]
+        start = self._offset
+        available = len(chunk) - start
+        if max_bytes is None or available <= max_bytes:
+            chunks.popleft()
+            self._offset = 0
+            data = chunk[start:] if start else chunk
+            if max_bytes is None or not chunks or len(data) + len(chunks[0]) > max_bytes:
+                return data
+            # Several small frames fit: hand them over together.
+            parts = [data]
+            size = len(data)
+            while chunks and size + len(chunks[0]) <= max_bytes:
+                size += len(chunks[0])
+                parts.append(chunks.popleft())
+            return b"".join(parts)
+        self._offset = start + max_bytes
+        return chunk[start : start + max_bytes]
+
+    def _data_received(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._wake_receiver()
+
+    def _end_received(self) -> None:
+        self._eof = True
+        self._wake_receiver()
+
+    def _reset_received(self) -> None:
+        self._reset = self._reset_by_peer = True
+        self._chunks.clear()
+        self._wake_all()
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with self._send_conflict:
+            await trio.lowlevel.checkpoint()
+            self._raise_if_cannot_send()
+            if not data:
+                return
+            # The queue references the bytes until they are written: copy mutable buffers.
+            view = memoryview(data if isinstance(data, bytes) else bytes(data))
+            session = self._session
+            while True:
+                sent = session._queue_data(self, view)
+                if sent == len(view):
+                    return
+                view = view[sent:]
+                if not sent:
+                    self._send_waiter = waiter = trio.Event()
+                    await waiter.wait()
+                    self._raise_if_cannot_send()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        with self._send_conflict:
+            await trio.lowlevel.checkpoint()
+            while True:
+                self._raise_if_cannot_send()
+                if not self._session._send_would_block(self):
+                    return
+                self._send_waiter = waiter = trio.Event()
+                await waiter.wait()
+
+    async def send_eof(self) -> None:
+        with self._send_conflict:
+            await trio.lowlevel.checkpoint()
+            if self._send_closed:
+                return
+            self._raise_if_unusable()
+            self._session._raise_if_closed()
+            self._send_closed = True
+            self._session._close_stream(self)
+
+    # -- closing ---------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Close both directions; never blocks. Data sent to us afterwards gets RST."""
+        if not self._closed:
+            self._closed = True
+            self._chunks.clear()
+            if not self._reset and not self._session.is_closed:
+                self._send_closed = True
+                self._session._abandon_stream(self)
+            self._wake_all()
+        await trio.lowlevel.checkpoint()
+
+    async def reset(self) -> None:
+        """Abort the stream at once (RST): both sides drop what is buffered."""
+        if not self._reset and not self._closed and not self._session.is_closed:
+            self._reset = True
+            self._chunks.clear()
+            self._session._reset_stream(self)
+            self._wake_all()
+        await trio.lowlevel.checkpoint()
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _raise_if_unusable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this stream was closed")
+        if self._reset:
+            who = "the peer" if self._reset_by_peer else "this side"
+            raise StreamReset(f"stream {self.stream_id} was reset by {who}")
+
+    def _raise_if_cannot_send(self) -> None:
+        self._raise_if_unusable()
+        if self._send_closed:
+            raise trio.ClosedResourceError("send_eof() was called on this stream")
+        self._session._raise_if_closed()
+
+    def _wake_receiver(self) -> None:
+        waiter = self._receive_waiter
+        if waiter is not None:
+            self._receive_waiter = None
+            waiter.set()
+
+    def _wake_sender(self) -> None:
+        waiter = self._send_waiter
+        if waiter is not None:
+            self._send_waiter = None
+            waiter.set()
+
+    def _wake_all(self) -> None:
+        self._wake_receiver()
+        self._wake_sender()
