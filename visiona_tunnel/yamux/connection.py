@@ -138,6 +138,8 @@ class StreamState:
     abandoned: bool = False
     #: Reset (either way): queued frames for it are dropped.
     reset: bool = False
+    #: When credit was last returned (auto-tuning only).
+    window_epoch: float = 0.0
 
 
 _Queued: TypeAlias = tuple[StreamState, bytes, bytes | memoryview | None]
@@ -177,6 +179,8 @@ class YamuxConnection:
         self.remote_go_away = False
         #: Set once the session is over (protocol error, error GoAway, EOF).
         self.terminated = False
+        #: The latest round-trip time measured by the driver (used by auto-tuning).
+        self.rtt: float | None = None
 
     # -- introspection ------------------------------------------------------------------
 
@@ -340,6 +344,8 @@ class YamuxConnection:
 
     def _continue_body(self, data: bytes, pos: int, events: list[Event]) -> int:
         take = min(self._body_left, len(data) - pos)
+        if not take:  # the header ended this read; the body comes with the next one
+            return pos
         state = self._body_stream
         if state is not None:
             chunk = data if take == len(data) else data[pos : pos + take]
@@ -417,8 +423,11 @@ class YamuxConnection:
         self._queued_data += n
         return n
 
-    def consume(self, stream_id: int, nbytes: int) -> None:
-        """The application has taken ``nbytes`` of received data: return credit if due."""
+    def consume(self, stream_id: int, nbytes: int, now: float | None = None) -> None:
+        """The application has taken ``nbytes`` of received data: return credit if due.
+
+        With ``Config.auto_tune_window``, pass the current time as ``now``.
+        """
         state = self._streams.get(stream_id)
         if state is None:
             return
@@ -428,24 +437,27 @@ class YamuxConnection:
         delta = state.recv_window_max - state.unread - state.recv_window
         # As hashicorp: only once at least half of the window has been consumed.
         if delta >= state.recv_window_max // 2:
+            if now is not None and self.config.auto_tune_window:
+                delta += self._tune_window(state, now)
             state.recv_window += delta
             self._control.append(pack_header(0, _WINDOW_UPDATE, 0, stream_id, delta))
 
-    def grow_window(self, stream_id: int) -> None:
-        """Double a stream's receive window (auto-tuning), up to the configured maximum."""
-        state = self._streams.get(stream_id)
-        if state is not None:
-            state.recv_window_max = min(
-                2 * state.recv_window_max, self.config.max_stream_window_size
-            )
+    def _tune_window(self, state: StreamState, now: float) -> int:
+        """Double the window if the reader used up half of it within a few RTTs.
 
-    def window_update_due(self, stream_id: int, nbytes: int) -> bool:
-        """Whether consuming ``nbytes`` more would send a window update (for auto-tuning)."""
-        state = self._streams.get(stream_id)
-        if state is None or state.remote_closed:
-            return False
-        delta = state.recv_window_max - (state.unread - nbytes) - state.recv_window
-        return delta >= state.recv_window_max // 2
+        The allowance grows with the window (go-yamux#136: a fixed 4 x RTT stalls growth
+        near 512 KiB), so any stream that keeps the window busy grows to the maximum.
+        """
+        cap = self.config.max_stream_window_size
+        current = state.recv_window_max
+        fast = self.rtt is not None and now - state.window_epoch < 4 * self.rtt * (
+            current / INITIAL_STREAM_WINDOW
+        )
+        state.window_epoch = now
+        if not fast or current >= cap:
+            return 0
+        state.recv_window_max = min(2 * current, cap)
+        return state.recv_window_max - current
 
     def close_stream(self, stream_id: int) -> None:
         """Half-close our direction (FIN, behind the stream's queued data). Idempotent."""
@@ -489,7 +501,14 @@ class YamuxConnection:
 
     def data_to_send(self, limit: int = 1 << 20) -> bytes:
         """All queued control frames, then queued data up to about ``limit`` bytes."""
-        parts: list[bytes | memoryview] = self._control
+        parts = self.frames_to_send(limit)
+        if len(parts) == 1 and type(parts[0]) is bytes:
+            return parts[0]
+        return b"".join(parts)
+
+    def frames_to_send(self, limit: int = 1 << 20) -> list[bytes | memoryview]:
+        """Like :meth:`data_to_send`, as a list of buffers for a vectored write."""
+        parts = self._control
         self._control = []
         queue = self._data
         taken = 0
@@ -505,9 +524,7 @@ class YamuxConnection:
             taken += len(body)
             parts.append(header)
             parts.append(body)
-        if len(parts) == 1 and isinstance(parts[0], bytes):
-            return parts[0]
-        return b"".join(parts)
+        return parts
 
     # -- bookkeeping ----------------------------------------------------------------------
 

@@ -44,6 +44,8 @@ RECEIVE_SIZE = 256 * 1024
 #: Data bytes per ``send_all`` on the transport, and the most the send queue holds.
 WRITE_BATCH = 256 * 1024
 WRITE_QUEUE_LIMIT = 1024 * 1024
+#: More buffers than this in one batch are joined first (Linux allows 1024 per sendmsg).
+_MAX_IOVECS = 128
 
 _OPEN_TIMER = 0
 _CLOSE_TIMER = 1
@@ -97,14 +99,19 @@ class Session:
         self._close_reason: SessionClosed | None = None
         self._writer_wakeup: trio.Event | None = None
         self._writer_done = trio.Event()
+        self._writer_scope = trio.CancelScope()
+        self._write_started = math.inf
         self._accept_waiter: trio.Event | None = None
         self._open_waiter: trio.Event | None = None
-        self._queue_waiters: set[Stream] = set()
+        # Streams waiting for room in the send queue, in arrival order (a dict as ordered set).
+        self._queue_waiters: dict[Stream, None] = {}
         self._pings: dict[int, trio.Event] = {}
         self._next_ping_id = 0
         self._timers: list[tuple[float, int, int]] = []
         self._timer_wakeup = trio.Event()
         self._last_inbound = 0.0
+        self._auto_tune = config.auto_tune_window
+        self._ping_started: dict[int, float] = {}
 
     # -- public API -----------------------------------------------------------------------
 
@@ -112,6 +119,11 @@ class Session:
     def num_streams(self) -> int:
         """Streams that are open in at least one direction."""
         return self._conn.num_streams
+
+    @property
+    def rtt(self) -> float | None:
+        """The latest round-trip time in seconds, from ``ping()`` or keepalive pings."""
+        return self._conn.rtt
 
     @property
     def is_closed(self) -> bool:
@@ -172,18 +184,23 @@ class Session:
         """Send a ping and return the round-trip time in seconds."""
         await trio.lowlevel.checkpoint()
         self._raise_if_closed()
-        opaque = self._next_ping_id
-        self._next_ping_id = (opaque + 1) & 0xFFFFFFFF
-        self._pings[opaque] = answered = trio.Event()
         started = trio.current_time()
-        self._conn.ping(opaque)
-        self._wake_writer()
+        opaque = self._send_ping()
+        self._pings[opaque] = answered = trio.Event()
         try:
             await answered.wait()
         finally:
             del self._pings[opaque]
         self._raise_if_closed()
         return trio.current_time() - started
+
+    def _send_ping(self) -> int:
+        opaque = self._next_ping_id
+        self._next_ping_id = (opaque + 1) & 0xFFFFFFFF
+        self._ping_started[opaque] = trio.current_time()
+        self._conn.ping(opaque)
+        self._wake_writer()
+        return opaque
 
     async def go_away(self) -> None:
         """Tell the peer we accept no new streams and open none; existing streams go on."""
@@ -220,21 +237,34 @@ class Session:
 
     def _queue_data(self, stream: Stream, data: bytes | memoryview) -> int:
         room = WRITE_QUEUE_LIMIT - self._conn.queued_data_bytes
+        if room < min(len(data), self.config.max_frame_size):
+            # Wait for the writer rather than queue a sliver of a frame.
+            self._queue_waiters[stream] = None
+            return 0
         sent = self._conn.send_data(stream.stream_id, data, room)
         if sent:
             self._wake_writer()
-        elif room <= 0:
-            self._queue_waiters.add(stream)
         return sent
 
     def _send_would_block(self, stream: Stream) -> bool:
         if self._conn.queued_data_bytes >= WRITE_QUEUE_LIMIT:
-            self._queue_waiters.add(stream)
+            self._queue_waiters[stream] = None
             return True
         return self._conn.send_window(stream.stream_id) <= 0
 
+    def _wake_queue_waiters(self) -> None:
+        """Wake as many streams, oldest first, as the free room can take."""
+        room = WRITE_QUEUE_LIMIT - self._conn.queued_data_bytes
+        waiters = self._queue_waiters
+        while waiters and room > 0:
+            stream = next(iter(waiters))
+            del waiters[stream]
+            room -= max(self._conn.send_window(stream.stream_id), self.config.max_frame_size)
+            stream._wake_sender()
+
     def _consumed(self, stream: Stream, nbytes: int) -> None:
-        self._conn.consume(stream.stream_id, nbytes)
+        now = trio.current_time() if self._auto_tune else None
+        self._conn.consume(stream.stream_id, nbytes, now)
         if self._conn.has_data_to_send():
             self._wake_writer()
 
@@ -341,7 +371,11 @@ class Session:
             elif kind is StreamAcked:
                 self._wake_open_waiter()
             elif kind is PongReceived:
-                answered = self._pings.get(event.opaque)  # type: ignore[union-attr]
+                opaque = event.opaque  # type: ignore[union-attr]
+                started = self._ping_started.pop(opaque, None)
+                if started is not None:
+                    self._conn.rtt = trio.current_time() - started
+                answered = self._pings.get(opaque)
                 if answered is not None:
                     answered.set()
             elif kind is GoAwayReceived:
@@ -353,31 +387,52 @@ class Session:
 
     async def _run_writer(self) -> None:
         conn = self._conn
+        send = self._vectored_send if isinstance(self._transport, trio.SocketStream) else None
         try:
-            while True:
-                if not conn.has_data_to_send():
-                    if self._close_reason is not None:
-                        break
-                    self._writer_wakeup = waiter = trio.Event()
-                    await waiter.wait()
-                    continue
-                batch = conn.data_to_send(WRITE_BATCH)
-                with trio.move_on_after(self.config.connection_write_timeout) as scope:
-                    await self._transport.send_all(batch)
-                if scope.cancelled_caught:
-                    self._terminate(SessionTimeout("a write to the transport timed out"))
-                    break
-                if self._queue_waiters:
-                    waiters, self._queue_waiters = self._queue_waiters, set()
-                    for stream in waiters:
-                        stream._wake_sender()
+            # One scope for the whole loop: the timer task cancels it if a write hangs.
+            with self._writer_scope:
+                while True:
+                    if not conn.has_data_to_send():
+                        if self._close_reason is not None:
+                            break
+                        self._writer_wakeup = waiter = trio.Event()
+                        await waiter.wait()
+                        continue
+                    self._write_started = trio.current_time()
+                    if send is not None:
+                        await send(conn.frames_to_send(WRITE_BATCH))
+                    else:
+                        await self._transport.send_all(conn.data_to_send(WRITE_BATCH))
+                    self._write_started = math.inf
+                    if self._queue_waiters:
+                        self._wake_queue_waiters()
+            if self._writer_scope.cancelled_caught:
+                self._terminate(SessionTimeout("a write to the transport timed out"))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             reason = SessionClosed(f"the transport failed: {exc!r}")
             reason.__cause__ = exc
             self._terminate(reason)
         finally:
+            self._write_started = math.inf
             self._writer_done.set()
         await trio.aclose_forcefully(self._transport)
+
+    async def _vectored_send(self, parts: list[bytes | memoryview]) -> None:
+        """``send_all`` of several buffers with one ``sendmsg``: headers and bodies are
+        written where they lie, without joining them into one copy first."""
+        assert isinstance(self._transport, trio.SocketStream)
+        sock = self._transport.socket
+        if len(parts) > _MAX_IOVECS:
+            parts = [b"".join(parts)]
+        while parts:
+            sent = await sock.sendmsg(parts)
+            done = 0
+            while done < len(parts) and sent >= len(parts[done]):
+                sent -= len(parts[done])
+                done += 1
+            del parts[:done]
+            if sent:
+                parts[0] = memoryview(parts[0])[sent:]
 
     def _add_timer(self, delay: float, kind: int, stream_id: int) -> None:
         deadline = trio.current_time() + delay
@@ -387,18 +442,30 @@ class Session:
 
     async def _run_timers(self) -> None:
         config = self.config
+        if config.auto_tune_window:
+            self._send_ping()  # auto-tuning needs an RTT from the start
         keepalive_at = math.inf
         if config.enable_keepalive:
             keepalive_at = trio.current_time() + config.keepalive_interval
         ping_sent_at = math.inf
+        write_timeout = config.connection_write_timeout
         while self._close_reason is None:
-            deadline = min(keepalive_at, ping_sent_at + config.ping_timeout)
+            # Waking every write timeout finds a hung write within twice the timeout,
+            # without a cancel scope (and its cost) around every single write.
+            deadline = min(
+                keepalive_at,
+                ping_sent_at + config.ping_timeout,
+                trio.current_time() + write_timeout,
+            )
             if self._timers:
                 deadline = min(deadline, self._timers[0][0])
             self._timer_wakeup = trio.Event()
             with trio.move_on_at(deadline):
                 await self._timer_wakeup.wait()
             now = trio.current_time()
+            if now >= self._write_started + write_timeout:
+                self._writer_scope.cancel()
+                return
             if ping_sent_at <= self._last_inbound:
                 ping_sent_at = math.inf  # any frame from the peer proves it is alive
             elif now >= ping_sent_at + config.ping_timeout:
@@ -408,9 +475,8 @@ class Session:
                 keepalive_at = now + config.keepalive_interval
                 if ping_sent_at == math.inf:
                     ping_sent_at = now
-                    self._conn.ping(self._next_ping_id)
-                    self._next_ping_id = (self._next_ping_id + 1) & 0xFFFFFFFF
-                    self._wake_writer()
+                    self._ping_started.clear()  # unanswered pings are not waited for
+                    self._send_ping()
             while self._timers and self._timers[0][0] <= now:
                 _, kind, stream_id = heapq.heappop(self._timers)
                 self._stream_timer_expired(kind, stream_id)

@@ -67,17 +67,25 @@ class Stream(trio.abc.HalfCloseableStream):
             if max_bytes < 1:
                 raise ValueError("max_bytes must be at least 1")
         with self._receive_conflict:
-            await trio.lowlevel.checkpoint()
+            # trio's own pattern: a cancel point first; if we never block, a schedule point
+            # at the end, after the data is taken (it cannot be cancelled, so nothing is lost).
+            await trio.lowlevel.checkpoint_if_cancelled()
+            blocked = False
             while not self._chunks:
                 self._raise_if_unusable()
                 if self._eof:
-                    return b""
+                    data = b""
+                    break
                 self._session._raise_if_closed()
                 self._receive_waiter = waiter = trio.Event()
                 await waiter.wait()
-            self._raise_if_unusable()
-            data = self._take(max_bytes)
-            self._session._consumed(self, len(data))
+                blocked = True
+            else:
+                self._raise_if_unusable()
+                data = self._take(max_bytes)
+                self._session._consumed(self, len(data))
+            if not blocked:
+                await trio.lowlevel.cancel_shielded_checkpoint()
             return data
 
     def _take(self, max_bytes: int | None) -> bytes:
