@@ -146,8 +146,9 @@ class Session:
         await trio.lowlevel.checkpoint()
         while self._conn.unacked_streams >= self.config.accept_backlog:
             self._raise_if_closed()
-            self._open_waiter = waiter = trio.Event()
-            await waiter.wait()
+            if self._open_waiter is None:
+                self._open_waiter = trio.Event()
+            await self._open_waiter.wait()
         self._raise_if_closed()
         stream_id = self._conn.open_stream()
         stream = self._streams[stream_id] = Stream(self, stream_id)
@@ -166,10 +167,15 @@ class Session:
         while True:
             stream_id = self._conn.accept()
             if stream_id is not None:
-                return self._incoming.pop(stream_id)
+                stream = self._incoming.pop(stream_id, None)
+                if stream is not None:  # else it came in the read that broke the session
+                    return stream
+                continue
             self._raise_if_closed()
-            self._accept_waiter = waiter = trio.Event()
-            await waiter.wait()
+            # Any number of tasks may wait; they share one event and retry when it fires.
+            if self._accept_waiter is None:
+                self._accept_waiter = trio.Event()
+            await self._accept_waiter.wait()
 
     def __aiter__(self) -> AsyncIterator[Stream]:
         return self
@@ -361,7 +367,9 @@ class Session:
                 stream = streams.get(event.stream_id)  # type: ignore[union-attr]
                 if stream is not None:
                     stream._end_received()
-                    if self._conn.stream(stream.stream_id) is None:
+                    # Decide by the stream's own flags: the core may already have moved
+                    # on (an RST later in the same read), and that event must still reach it.
+                    if stream._send_closed:
                         del streams[stream.stream_id]
             elif kind is ResetReceived:
                 stream = streams.pop(event.stream_id, None)  # type: ignore[union-attr]
