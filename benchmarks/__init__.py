@@ -1,0 +1,1 @@
+"""Benchmarks for visiona_tunnel (run them as scripts; they are not tests)."""
