@@ -102,9 +102,8 @@ class Session:
         self._writer_done = trio.Event()
         self._writer_scope = trio.CancelScope()
         self._unsent: list[bytes | memoryview] = []
-        self._socket_fd = -1
-        if isinstance(transport, trio.SocketStream):
-            self._socket_fd = transport.socket.fileno()
+        # For TCP, frames can be written straight to the socket (see _write_now).
+        self._socket = transport.socket if isinstance(transport, trio.SocketStream) else None
         self._write_started = math.inf
         self._accept_waiter: trio.Event | None = None
         self._open_waiter: trio.Event | None = None
@@ -246,7 +245,7 @@ class Session:
         waiter = self._writer_wakeup
         if waiter is None:
             return  # the writer is busy and looks at the queue again when it is done
-        if self._socket_fd >= 0 and self._close_reason is None and self._write_now():
+        if self._socket is not None and self._close_reason is None and self._write_now():
             return
         self._writer_wakeup = None
         waiter.set()
@@ -256,11 +255,15 @@ class Session:
         task is idle. It never waits and never yields, so no cancellation can cut a frame
         in half; what the kernel does not take is left to the writer. This saves a task
         switch per message, which is most of a small round trip's cost."""
+        assert self._socket is not None
+        fd = self._socket.fileno()  # -1 once closed: never write to a recycled number
+        if fd < 0:
+            return False
         parts = self._conn.frames_to_send(WRITE_BATCH)
         if len(parts) > _MAX_IOVECS:
             parts = [b"".join(parts)]
         try:
-            sent = os.writev(self._socket_fd, parts)
+            sent = os.writev(fd, parts)
         except BlockingIOError:
             sent = 0
         except OSError:
