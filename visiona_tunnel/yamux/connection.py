@@ -198,6 +198,11 @@ class YamuxConnection:
         """Data payload bytes waiting in the send queue."""
         return self._queued_data
 
+    @property
+    def queued_control_frames(self) -> int:
+        """Control frames (pongs, window updates, ACK, RST, GoAway) waiting to be sent."""
+        return len(self._control)
+
     def stream(self, stream_id: int) -> StreamState | None:
         return self._streams.get(stream_id)
 

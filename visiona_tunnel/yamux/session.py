@@ -47,6 +47,9 @@ WRITE_BATCH = 256 * 1024
 WRITE_QUEUE_LIMIT = 1024 * 1024
 #: More buffers than this in one batch are joined first (Linux allows 1024 per sendmsg).
 _MAX_IOVECS = 128
+#: The reader pauses while more control frames than this wait to be sent: a peer flooding
+#: pings or SYNs without reading our answers must not grow our memory.
+CONTROL_QUEUE_LIMIT = 4096
 
 _OPEN_TIMER = 0
 _CLOSE_TIMER = 1
@@ -101,6 +104,7 @@ class Session:
         self._writer_wakeup: trio.Event | None = None
         self._writer_done = trio.Event()
         self._writer_scope = trio.CancelScope()
+        self._control_drained: trio.Event | None = None
         self._unsent: list[bytes | memoryview] = []
         # For TCP, frames can be written straight to the socket (see _write_now).
         self._socket = transport.socket if isinstance(transport, trio.SocketStream) else None
@@ -344,6 +348,7 @@ class Session:
         for answered in self._pings.values():
             answered.set()
         _wake(self._accept_waiter)
+        _wake(self._control_drained)
         self._wake_open_waiter()
         self._wake_writer()
         self._timer_wakeup.set()
@@ -369,6 +374,12 @@ class Session:
                     self._dispatch(events)
                 if self._conn.has_data_to_send():
                     self._wake_writer()
+                    while (
+                        self._conn.queued_control_frames > CONTROL_QUEUE_LIMIT
+                        and self._close_reason is None
+                    ):
+                        self._control_drained = drained = trio.Event()
+                        await drained.wait()
         except SessionClosed as exc:  # ProtocolError from the core; GoAway(1) is queued
             self._terminate(exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
@@ -450,6 +461,7 @@ class Session:
                     self._write_started = math.inf
                     if self._queue_waiters:
                         self._wake_queue_waiters()
+                    _wake(self._control_drained)
             if self._writer_scope.cancelled_caught:
                 self._terminate(SessionTimeout("a write to the transport timed out"))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
