@@ -352,7 +352,9 @@ class YamuxConnection:
         if not take:  # the header ended this read; the body comes with the next one
             return pos
         state = self._body_stream
-        if state is not None:
+        # Reset or abandoned mid-frame: the rest of the body is dropped (its credit was
+        # charged at the header; abandon_stream already returned it).
+        if state is not None and not state.reset and not state.abandoned:
             chunk = data if take == len(data) else data[pos : pos + take]
             state.unread += take
             events.append(DataReceived(state.stream_id, chunk))
@@ -364,7 +366,7 @@ class YamuxConnection:
     def _end_body(self, events: list[Event]) -> None:
         state = self._body_stream
         self._body_fin = False
-        if state is not None:
+        if state is not None and not state.reset:
             events.append(StreamEnded(state.stream_id))
             self._maybe_forget(state)
 
@@ -439,7 +441,9 @@ class YamuxConnection:
         state.unread -= nbytes
         if state.remote_closed:
             return
-        delta = state.recv_window_max - state.unread - state.recv_window
+        # The rest of a frame still arriving was charged to the window at its header.
+        in_flight = self._body_left if self._body_stream is state else 0
+        delta = state.recv_window_max - state.unread - in_flight - state.recv_window
         # As hashicorp: only once at least half of the window has been consumed.
         if delta >= state.recv_window_max // 2:
             if now is not None and self.config.auto_tune_window:
