@@ -41,7 +41,7 @@ from .errors import GoAwayError, KeepAliveTimeout, SessionClosed, SessionTimeout
 from .stream import Stream
 
 #: Bytes asked of the transport per read.
-RECEIVE_SIZE = 256 * 1024
+RECEIVE_SIZE = 1024 * 1024
 #: Data bytes per ``send_all`` on the transport, and the most the send queue holds.
 WRITE_BATCH = 256 * 1024
 WRITE_QUEUE_LIMIT = 1024 * 1024

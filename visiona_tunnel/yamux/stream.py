@@ -126,22 +126,24 @@ class Stream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         with self._send_conflict:
-            await trio.lowlevel.checkpoint()
+            # A cancel point first; the schedule point is a wait for credit if there is
+            # one, else a shielded checkpoint once the data is queued (as in receive_some).
+            await trio.lowlevel.checkpoint_if_cancelled()
             self._raise_if_cannot_send()
-            if not data:
-                return
             # The queue references the bytes until they are written: copy mutable buffers.
             view = memoryview(data if isinstance(data, bytes) else bytes(data))
             session = self._session
-            while True:
+            blocked = False
+            while view:
                 sent = session._queue_data(self, view)
-                if sent == len(view):
-                    return
                 view = view[sent:]
-                if not sent:
+                if view and not sent:
                     self._send_waiter = waiter = trio.Event()
                     await waiter.wait()
+                    blocked = True
                     self._raise_if_cannot_send()
+            if not blocked:
+                await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
         with self._send_conflict:
