@@ -28,6 +28,17 @@ import attrs
 
 from .config import INITIAL_STREAM_WINDOW, Config
 from .errors import GoAwayError, ProtocolError, StreamsExhausted
+from .events import (
+    DataReceived,
+    Event,
+    GoAwayReceived,
+    PongReceived,
+    ResetReceived,
+    StreamAcked,
+    StreamEnded,
+    StreamOpened,
+    WindowUpdated,
+)
 from .frames import HEADER_SIZE, MAX_STREAM_ID, Flag, FrameType, GoAwayCode, pack_header
 from .frames import unpack_header_from as _unpack
 
@@ -39,80 +50,6 @@ _SYN = Flag.SYN.value
 _ACK = Flag.ACK.value
 _FIN = Flag.FIN.value
 _RST = Flag.RST.value
-
-# ---------------------------------------------------------------------------------------
-# Events (what the peer did)
-
-
-@attrs.frozen
-class StreamOpened:
-    """The peer opened a stream; it is ACKed and waits in the accept backlog."""
-
-    stream_id: int
-
-
-@attrs.frozen
-class DataReceived:
-    """Payload for a stream. Pass its length to ``consume`` once the application has it."""
-
-    stream_id: int
-    data: bytes
-
-
-@attrs.frozen
-class StreamEnded:
-    """The peer half-closed the stream (FIN): no more data will arrive on it."""
-
-    stream_id: int
-
-
-@attrs.frozen
-class ResetReceived:
-    """The peer reset the stream (RST). The stream is gone."""
-
-    stream_id: int
-
-
-@attrs.frozen
-class StreamAcked:
-    """The peer acknowledged a stream we opened."""
-
-    stream_id: int
-
-
-@attrs.frozen
-class WindowUpdated:
-    """The peer granted more send credit on a stream."""
-
-    stream_id: int
-
-
-@attrs.frozen
-class PongReceived:
-    """The peer answered our ping ``opaque``. (Pings *to* us are answered automatically.)"""
-
-    opaque: int
-
-
-@attrs.frozen
-class GoAwayReceived:
-    """The peer will accept no new streams. A non-zero ``code`` also ends the session."""
-
-    code: int
-
-
-Event: TypeAlias = (
-    StreamOpened
-    | DataReceived
-    | StreamEnded
-    | ResetReceived
-    | StreamAcked
-    | WindowUpdated
-    | PongReceived
-    | GoAwayReceived
-)
-
-# ---------------------------------------------------------------------------------------
 
 
 @attrs.define(slots=True, eq=False)
@@ -548,3 +485,18 @@ class YamuxConnection:
         if not state.acked:
             state.acked = True
             self._unacked -= 1
+
+
+__all__ = [
+    "DataReceived",
+    "Event",
+    "GoAwayReceived",
+    "PongReceived",
+    "ResetReceived",
+    "StreamAcked",
+    "StreamEnded",
+    "StreamOpened",
+    "StreamState",
+    "WindowUpdated",
+    "YamuxConnection",
+]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import heapq
 import math
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -39,14 +38,12 @@ from .connection import (
 )
 from .errors import GoAwayError, KeepAliveTimeout, SessionClosed, SessionTimeout
 from .stream import Stream
+from .writer import FrameWriter
 
 #: Bytes asked of the transport per read.
-RECEIVE_SIZE = 1024 * 1024
-#: Data bytes per ``send_all`` on the transport, and the most the send queue holds.
-WRITE_BATCH = 256 * 1024
+RECEIVE_SIZE = 256 * 1024
+#: The most data bytes the send queue holds.
 WRITE_QUEUE_LIMIT = 1024 * 1024
-#: More buffers than this in one batch are joined first (Linux allows 1024 per sendmsg).
-_MAX_IOVECS = 128
 #: The reader pauses while more control frames than this wait to be sent: a peer flooding
 #: pings or SYNs without reading our answers must not grow our memory.
 CONTROL_QUEUE_LIMIT = 4096
@@ -101,14 +98,8 @@ class Session:
         self._streams: dict[int, Stream] = {}
         self._incoming: dict[int, Stream] = {}
         self._close_reason: SessionClosed | None = None
-        self._writer_wakeup: trio.Event | None = None
-        self._writer_done = trio.Event()
-        self._writer_scope = trio.CancelScope()
+        self._writer = FrameWriter(transport, self._conn, self._after_write)
         self._control_drained: trio.Event | None = None
-        self._unsent: list[bytes | memoryview] = []
-        # For TCP, frames can be written straight to the socket (see _write_now).
-        self._socket = transport.socket if isinstance(transport, trio.SocketStream) else None
-        self._write_started = math.inf
         self._accept_waiter: trio.Event | None = None
         self._open_waiter: trio.Event | None = None
         # Streams waiting for room in the send queue, in arrival order (a dict as ordered set).
@@ -230,7 +221,7 @@ class Session:
             self._terminate(SessionClosed("the session was closed by this side"))
         try:
             with trio.move_on_after(self.config.connection_write_timeout):
-                await self._writer_done.wait()
+                await self._writer.done.wait()
         finally:
             await trio.aclose_forcefully(self._transport)
 
@@ -244,39 +235,12 @@ class Session:
             raise copy.copy(reason) from reason
 
     def _wake_writer(self) -> None:
-        """Get queued frames written: at once by this task if the socket takes them all,
-        else by the writer task."""
-        waiter = self._writer_wakeup
-        if waiter is None:
-            return  # the writer is busy and looks at the queue again when it is done
-        if self._socket is not None and self._close_reason is None and self._write_now():
-            return
-        self._writer_wakeup = None
-        waiter.set()
+        self._writer.wake()
 
-    def _write_now(self) -> bool:
-        """Write what is queued with one non-blocking ``writev``, only while the writer
-        task is idle. It never waits and never yields, so no cancellation can cut a frame
-        in half; what the kernel does not take is left to the writer. This saves a task
-        switch per message, which is most of a small round trip's cost."""
-        assert self._socket is not None
-        fd = self._socket.fileno()  # -1 once closed: never write to a recycled number
-        if fd < 0:
-            return False
-        parts = self._conn.frames_to_send(WRITE_BATCH)
-        if len(parts) > _MAX_IOVECS:
-            parts = [b"".join(parts)]
-        try:
-            sent = os.writev(fd, parts)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._unsent = parts  # the writer meets the error and ends the session
-            return False
-        self._unsent = _advance(parts, sent)
+    def _after_write(self) -> None:
         if self._queue_waiters:
             self._wake_queue_waiters()
-        return not self._unsent and not self._conn.has_data_to_send()
+        _wake(self._control_drained)
 
     def _queue_data(self, stream: Stream, data: bytes | memoryview) -> int:
         room = WRITE_QUEUE_LIMIT - self._conn.queued_data_bytes
@@ -350,7 +314,7 @@ class Session:
         _wake(self._accept_waiter)
         _wake(self._control_drained)
         self._wake_open_waiter()
-        self._wake_writer()
+        self._writer.close()
         self._timer_wakeup.set()
 
     def _wake_open_waiter(self) -> None:
@@ -438,50 +402,10 @@ class Session:
                     self._wake_open_waiter()
 
     async def _run_writer(self) -> None:
-        conn = self._conn
-        send = self._vectored_send if isinstance(self._transport, trio.SocketStream) else None
-        try:
-            # One scope for the whole loop: the timer task cancels it if a write hangs.
-            with self._writer_scope:
-                while True:
-                    if not self._unsent and not conn.has_data_to_send():
-                        if self._close_reason is not None:
-                            break
-                        self._writer_wakeup = waiter = trio.Event()
-                        await waiter.wait()
-                        continue
-                    self._write_started = trio.current_time()
-                    if self._unsent:
-                        unsent, self._unsent = self._unsent, []
-                        await self._vectored_send(unsent)
-                    elif send is not None:
-                        await send(conn.frames_to_send(WRITE_BATCH))
-                    else:
-                        await self._transport.send_all(conn.data_to_send(WRITE_BATCH))
-                    self._write_started = math.inf
-                    if self._queue_waiters:
-                        self._wake_queue_waiters()
-                    _wake(self._control_drained)
-            if self._writer_scope.cancelled_caught:
-                self._terminate(SessionTimeout("a write to the transport timed out"))
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            reason = SessionClosed(f"the transport failed: {exc!r}")
-            reason.__cause__ = exc
-            self._terminate(reason)
-        finally:
-            self._write_started = math.inf
-            self._writer_done.set()
+        failure = await self._writer.run()
+        if failure is not None:
+            self._terminate(failure)
         await trio.aclose_forcefully(self._transport)
-
-    async def _vectored_send(self, parts: list[bytes | memoryview]) -> None:
-        """``send_all`` of several buffers with one ``sendmsg``: headers and bodies are
-        written where they lie, without joining them into one copy first."""
-        assert isinstance(self._transport, trio.SocketStream)
-        sock = self._transport.socket
-        if len(parts) > _MAX_IOVECS:
-            parts = [b"".join(parts)]
-        while parts:
-            parts = _advance(parts, await sock.sendmsg(parts))
 
     def _add_timer(self, delay: float, kind: int, stream_id: int) -> None:
         deadline = trio.current_time() + delay
@@ -512,8 +436,8 @@ class Session:
             with trio.move_on_at(deadline):
                 await self._timer_wakeup.wait()
             now = trio.current_time()
-            if now >= self._write_started + write_timeout:
-                self._writer_scope.cancel()
+            if now >= self._writer.started + write_timeout:
+                self._writer.scope.cancel()
                 return
             if ping_sent_at <= self._last_inbound:
                 ping_sent_at = math.inf  # any frame from the peer proves it is alive
@@ -543,15 +467,3 @@ class Session:
             if stream is not None:
                 stream._reset_received()
             self._wake_writer()
-
-
-def _advance(parts: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
-    """What is left of ``parts`` after the first ``sent`` bytes were written."""
-    done = 0
-    while done < len(parts) and sent >= len(parts[done]):
-        sent -= len(parts[done])
-        done += 1
-    del parts[:done]
-    if sent:
-        parts[0] = memoryview(parts[0])[sent:]
-    return parts
