@@ -291,6 +291,110 @@ register_transport(
 register_transport(yamux_transport("yamux", "visiona_tunnel.yamux over one trio TCP connection"))
 
 
+@asynccontextmanager
+async def websocket_client(
+    conn: trio.SocketStream, options: TransportOptions
+) -> AsyncIterator[trio.abc.Stream]:
+    """Upgrade the dialed connection to a ``visiona_tunnel.wsconn.WebSocketStream``."""
+    from visiona_tunnel.wsconn import client_handshake
+
+    stream = await client_handshake(conn, "127.0.0.1", "/tunnel/connect")
+    try:
+        yield stream
+    finally:
+        await stream.aclose()
+
+
+@asynccontextmanager
+async def websocket_server(
+    conn: trio.SocketStream, options: TransportOptions
+) -> AsyncIterator[trio.abc.Stream]:
+    from visiona_tunnel.wsconn import accept_websocket_stream
+
+    stream = await accept_websocket_stream(conn)
+    try:
+        yield stream
+    finally:
+        await stream.aclose()
+
+
+register_transport(
+    yamux_transport(
+        "yamux-ws",
+        "visiona_tunnel.yamux over a visiona_tunnel.wsconn WebSocket",
+        wrap_client=websocket_client,
+        wrap_server=websocket_server,
+    )
+)
+
+
+class _WebSocketOpener(_TcpOpener):
+    async def open_stream(self) -> trio.abc.HalfCloseableStream:  # type: ignore[override]
+        from visiona_tunnel.wsconn import client_handshake
+
+        conn = await super().open_stream()
+        return _EofOnClose(await client_handshake(conn, "127.0.0.1", "/"))
+
+
+class _WebSocketAccepter(_TcpAccepter):
+    async def accept_stream(self) -> trio.abc.HalfCloseableStream:  # type: ignore[override]
+        from visiona_tunnel.wsconn import accept_websocket_stream
+
+        return _EofOnClose(await accept_websocket_stream(await super().accept_stream()))
+
+
+class _EofOnClose(trio.abc.HalfCloseableStream):
+    """A WebSocket has no half-close; the workloads' ``send_eof`` becomes a normal close."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.inner.aclose()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@asynccontextmanager
+async def _ws_dial(host: str, port: int, options: TransportOptions) -> AsyncIterator[StreamOpener]:
+    opener = _WebSocketOpener(host, port)
+    try:
+        yield opener
+    finally:
+        await _close_all(opener.streams)
+
+
+@asynccontextmanager
+async def _ws_listen(
+    listener: trio.SocketListener, options: TransportOptions
+) -> AsyncIterator[StreamAccepter]:
+    accepter = _WebSocketAccepter(listener)
+    try:
+        yield accepter
+    finally:
+        await _close_all(accepter.streams)
+
+
+register_transport(
+    Transport(
+        name="ws",
+        description="visiona_tunnel.wsconn WebSocket per stream, no muxer (one-way workloads)",
+        dial=_ws_dial,
+        listen=_ws_listen,
+    )
+)
+
+
 # --------------------------------------------------------------------------------------------
 # Workload description shared by the orchestrator and the children
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,607 @@
+"""A WebSocket carried as a byte stream: what yamux runs on between agent and relay.
+
+``WebSocketStream`` is a ``trio.abc.Stream``: each ``send_all`` becomes one binary message;
+``receive_some`` returns the bytes of received binary messages, buffered across message
+boundaries (a Go yamux peer writes header and body as two messages, and gorilla splits large
+messages into continuation frames). wsproto does the protocol; this module only drives it,
+in the caller's tasks, with large reads and no per-message queue (see docs/wsconn.md for
+why this is not built on trio-websocket). ``TrioWebSocketStream`` adapts an existing
+trio-websocket connection the same way, for code that already has one.
+
+Closing: a close frame with 1000 (normal) or 1001 (going away) reads as end of file; any
+other code raises :class:`WebSocketClosed` with the code, e.g. :data:`CLOSE_REPLACED` when a
+relay drops a tunnel because a newer one for the same device arrived.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import os
+import ssl
+import struct
+from collections import deque
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+import trio
+import trio_websocket
+from wsproto import ConnectionType, WSConnection, frame_protocol
+from wsproto.connection import Connection, ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.frame_protocol import CloseReason
+
+#: Close code a relay uses when a newer tunnel for the same device replaces this one.
+CLOSE_REPLACED = 4001
+#: The largest message accepted by default: a Go yamux peer sends a Data frame as large as
+#: its window (16 MiB at most in practice) in one message, plus its 12-byte header.
+DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
+#: Bytes asked of the transport per read.
+RECEIVE_SIZE = 256 * 1024
+_EOF_CODES = frozenset({CloseReason.NORMAL_CLOSURE, CloseReason.GOING_AWAY})
+
+Headers = Iterable[tuple[bytes | str, bytes | str]]
+
+
+def _install_fast_masking() -> bool:
+    """Let wsproto mask and unmask payloads with websockets' C ``apply_mask``.
+
+    wsproto's pure-Python masker (``XorMaskerSimple``) runs at about 1.2 GB/s here and was
+    the largest CPU cost of a client sending or a server receiving; ``apply_mask`` runs at
+    tens of GB/s. The replacement has the same interface and output (a property test checks
+    it against the original), and wsproto looks the class up by name each time it masks a
+    frame, so assigning it is enough. Without the C extension nothing changes.
+    """
+    try:
+        from websockets.speedups import apply_mask
+    except ImportError:
+        return False
+    original = frame_protocol.XorMaskerSimple
+    if getattr(original, "fast", False):
+        return True
+
+    class FastXorMasker:
+        fast = True
+
+        def __init__(self, masking_key: bytes | bytearray) -> None:
+            self._key = bytes(masking_key)
+
+        def process(self, data: bytes | bytearray) -> bytes:
+            if not data:
+                return bytes(data)
+            masked: bytes = apply_mask(data, self._key)
+            # The next call continues the same frame: rotate the key to where we stopped.
+            shift = len(data) % 4
+            if shift:
+                self._key = self._key[shift:] + self._key[:shift]
+            return masked
+
+    frame_protocol.XorMaskerSimple = FastXorMasker  # type: ignore[misc, assignment]
+    return True
+
+
+#: Whether wsproto masks with the C implementation (see :func:`_install_fast_masking`).
+FAST_MASKING = _install_fast_masking()
+
+try:
+    from websockets.speedups import apply_mask as _apply_mask
+except ImportError:  # pragma: no cover - the wheel ships the extension
+
+    def _apply_mask(data: bytes | bytearray | memoryview, mask: bytes | bytearray) -> bytes:
+        masker = frame_protocol.XorMaskerSimple(mask)
+        return bytes(masker.process(bytearray(data)))
+
+
+_BINARY_FIN = 0x80 | 0x2  # FIN, no RSV bits, opcode 2 (binary)
+
+
+def encode_binary_message(
+    payload: bytes | bytearray | memoryview, *, client: bool, masking_key: bytes | None = None
+) -> list[bytes | memoryview]:
+    """One complete binary message as a single frame (RFC 6455 section 5.2), as buffers.
+
+    The same bytes as wsproto's ``Connection.send(BytesMessage(data))`` without extensions
+    (a test holds them equal), without its four copies of the payload: this is the data
+    path, and its copies were the sender's largest cost. Everything else (handshake,
+    parsing, control frames, closing) stays with wsproto.
+    """
+    length = len(payload)
+    second = 0x80 if client else 0
+    if length <= 125:
+        header = struct.pack("!BB", _BINARY_FIN, second | length)
+    elif length <= 0xFFFF:
+        header = struct.pack("!BBH", _BINARY_FIN, second | 126, length)
+    else:
+        header = struct.pack("!BBQ", _BINARY_FIN, second | 127, length)
+    if not client:
+        return [header, payload if not isinstance(payload, bytearray) else bytes(payload)]
+    key = masking_key if masking_key is not None else os.urandom(4)  # RFC: unpredictable
+    return [header + key, _apply_mask(payload, key)]
+
+
+class WebSocketClosed(trio.BrokenResourceError):
+    """The WebSocket was closed with a code other than 1000/1001, or broke (1006)."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(f"WebSocket closed with code {code}" + (f": {reason}" if reason else ""))
+        self.code = code
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[WebSocketClosed], tuple[int, str]]:
+        return (type(self), (self.code, self.reason))
+
+
+class WebSocketRejected(Exception):
+    """The server answered the upgrade request with an HTTP status instead of 101."""
+
+    def __init__(self, status_code: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        super().__init__(f"WebSocket upgrade refused with HTTP {status_code}")
+        self.status_code = status_code
+        self.headers = headers
+        self.body = body
+
+
+class _ConflictDetector:
+    __slots__ = ("_busy", "_message")
+
+    def __init__(self, message: str) -> None:
+        self._message = message
+        self._busy = False
+
+    def __enter__(self) -> None:
+        if self._busy:
+            raise trio.BusyResourceError(self._message)
+        self._busy = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._busy = False
+
+
+class WebSocketStream(trio.abc.Stream):
+    """Bytes over an open WebSocket, driven by wsproto on ``transport``.
+
+    Create it with :func:`connect_websocket_stream` (client) or
+    :func:`accept_websocket_stream` (server). Pings are answered; text messages are a
+    protocol error (close 1003); messages over ``max_message_size`` close with 1009.
+    """
+
+    def __init__(
+        self,
+        transport: trio.abc.Stream,
+        connection: Connection,
+        *,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ) -> None:
+        self.transport = transport
+        self._ws = connection
+        self._client = connection.client
+        # On TCP, header and payload go out with one sendmsg, without joining them.
+        self._socket = transport.socket if isinstance(transport, trio.SocketStream) else None
+        self.max_message_size = max_message_size
+        self._chunks: deque[bytes] = deque()
+        self._offset = 0
+        self._message_size = 0
+        self._control: list[bytes] = []  # pongs and close replies owed to the peer
+        self._writing = False
+        self._write_idle: trio.Event | None = None
+        self._eof = False
+        self._error: trio.BrokenResourceError | None = None
+        self._closed = False
+        #: The close code the peer sent (or 1006 if the connection broke), once known.
+        self.close_code: int | None = None
+        self.close_reason = ""
+        self._receive_conflict = _ConflictDetector("another task is receiving on this WebSocket")
+        self._send_conflict = _ConflictDetector("another task is sending on this WebSocket")
+        self._handle_events()  # the handshake's read may already hold messages
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError("max_bytes must be at least 1")
+        with self._receive_conflict:
+            await trio.lowlevel.checkpoint()
+            while not self._chunks:
+                if self._closed:
+                    raise trio.ClosedResourceError("this WebSocket stream was closed")
+                if self._error is not None:
+                    raise copy.copy(self._error) from self._error
+                if self._eof:
+                    return b""
+                await self._read_more()
+            return self._take(max_bytes)
+
+    async def _read_more(self) -> None:
+        try:
+            data = await self.transport.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            if self._closed:
+                raise trio.ClosedResourceError("this WebSocket stream was closed") from exc
+            self._broken(exc)
+            return
+        if not data:
+            self._broken(None)
+            return
+        self._ws.receive_data(data if type(data) is bytes else bytes(data))
+        self._handle_events()
+        if self._control and not self._writing:
+            # Owed pongs and close replies: a short write that a cancelled read must not
+            # cut in half, so it is shielded (and bounded).
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 10):
+                await self._write([])
+
+    def _handle_events(self) -> None:
+        for event in self._ws.events():
+            kind = type(event)
+            if kind is BytesMessage:
+                assert isinstance(event, BytesMessage)
+                payload = event.data
+                self._message_size += len(payload)
+                if self._message_size > self.max_message_size:
+                    self._fail(CloseReason.MESSAGE_TOO_BIG, "message too big")
+                    return
+                if payload:
+                    self._chunks.append(payload if type(payload) is bytes else bytes(payload))
+                if event.message_finished:
+                    self._message_size = 0
+            elif kind is Ping:
+                assert isinstance(event, Ping)
+                self._control.append(self._ws.send(event.response()))
+            elif kind is CloseConnection:
+                assert isinstance(event, CloseConnection)
+                self.close_code, self.close_reason = event.code, event.reason or ""
+                if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                    self._control.append(self._ws.send(event.response()))
+                if event.code in _EOF_CODES:
+                    self._eof = True
+                else:
+                    self._error = WebSocketClosed(event.code, self.close_reason)
+            elif kind is TextMessage:
+                self._fail(CloseReason.UNSUPPORTED_DATA, "text message on a binary stream")
+                return
+
+    def _fail(self, code: int, reason: str) -> None:
+        """We end the connection: queue our close frame and fail both directions."""
+        if self._ws.state is ConnectionState.OPEN:
+            self._control.append(self._ws.send(CloseConnection(code=code, reason=reason)))
+        self.close_code, self.close_reason = code, reason
+        self._error = WebSocketClosed(code, reason)
+
+    def _broken(self, cause: BaseException | None) -> None:
+        if self._error is None and not self._eof:
+            self.close_code = CloseReason.ABNORMAL_CLOSURE
+            self._error = WebSocketClosed(CloseReason.ABNORMAL_CLOSURE, "connection lost")
+            self._error.__cause__ = cause
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        chunks = self._chunks
+        chunk = chunks[0]
+        start = self._offset
+        if max_bytes is None or len(chunk) - start <= max_bytes:
+            chunks.popleft()
+            self._offset = 0
+            return chunk[start:] if start else chunk
+        self._offset = start + max_bytes
+        return chunk[start : start + max_bytes]
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with self._send_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("this WebSocket stream was closed")
+            if self._error is not None:
+                raise copy.copy(self._error) from self._error
+            if not data:
+                await trio.lowlevel.checkpoint()
+                return
+            if self._ws.state is not ConnectionState.OPEN:
+                await trio.lowlevel.checkpoint()
+                raise WebSocketClosed(self.close_code or CloseReason.NORMAL_CLOSURE, "closing")
+            await self._write(encode_binary_message(data, client=self._client))
+
+    async def _write(self, frame: list[bytes | memoryview]) -> None:
+        """The one path to the transport, shared with pongs and close replies."""
+        while self._writing:
+            if self._write_idle is None:
+                self._write_idle = trio.Event()
+            await self._write_idle.wait()
+        if self._control:
+            frame = [*self._control, *frame]
+            self._control.clear()
+        self._writing = True
+        try:
+            if self._socket is not None:
+                await _sendmsg_all(self._socket, frame)
+            else:
+                await self.transport.send_all(frame[0] if len(frame) == 1 else b"".join(frame))
+        except trio.Cancelled:
+            # Part of a frame may be on the wire: the framing is lost for good.
+            self._broken(None)
+            raise
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            if self._closed:
+                raise trio.ClosedResourceError("this WebSocket stream was closed") from exc
+            self._broken(exc)
+            assert self._error is not None
+            raise copy.copy(self._error) from exc
+        finally:
+            self._writing = False
+            idle, self._write_idle = self._write_idle, None
+            if idle is not None:
+                idle.set()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        with self._send_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("this WebSocket stream was closed")
+            await self.transport.wait_send_all_might_not_block()
+
+    async def aclose(self, code: int = CloseReason.NORMAL_CLOSURE, reason: str = "") -> None:
+        """Send a close frame (if the connection is still open) and close the transport."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        try:
+            if self._ws.state is ConnectionState.OPEN and not self._writing:
+                with trio.move_on_after(1):
+                    self._control.append(self._ws.send(CloseConnection(code=code, reason=reason)))
+                    await self._write([])
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(self.transport)
+
+
+# -- opening -----------------------------------------------------------------------------
+
+
+async def connect_websocket_stream(
+    url: str,
+    *,
+    headers: Headers = (),
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    ssl_context: ssl.SSLContext | None = None,
+) -> WebSocketStream:
+    """Dial ``ws://`` or ``wss://`` ``url`` and complete the upgrade.
+
+    Raises:
+        WebSocketRejected: the server answered with an HTTP status (e.g. 401) instead of 101.
+        OSError: the TCP connection failed. trio.BrokenResourceError: it broke mid-handshake.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"not a ws:// or wss:// URL: {url!r}")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    transport: trio.abc.Stream = await trio.open_tcp_stream(parts.hostname, port)
+    if secure:
+        transport = trio.SSLStream(
+            transport,
+            ssl_context or ssl.create_default_context(),
+            server_hostname=parts.hostname,
+            https_compatible=True,
+        )
+    host = parts.netloc.rsplit("@", 1)[-1]
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        return await client_handshake(
+            transport, host, target, headers=headers, max_message_size=max_message_size
+        )
+    except BaseException:
+        await trio.aclose_forcefully(transport)
+        raise
+
+
+async def client_handshake(
+    transport: trio.abc.Stream,
+    host: str,
+    target: str,
+    *,
+    headers: Headers = (),
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+) -> WebSocketStream:
+    """Upgrade an already connected ``transport`` (TCP, TLS, a yamux stream, ...).
+
+    Raises:
+        WebSocketRejected: the server answered with an HTTP status instead of 101.
+    """
+    ws = WSConnection(ConnectionType.CLIENT)
+    extra = [(_b(name), _b(value)) for name, value in headers]
+    await transport.send_all(ws.send(Request(host=host, target=target, extra_headers=extra)))
+    rejected: RejectConnection | None = None
+    body = bytearray()
+    while True:
+        data = await transport.receive_some(RECEIVE_SIZE)
+        ws.receive_data(bytes(data) or None)
+        for event in ws.events():
+            if isinstance(event, AcceptConnection):
+                assert ws.connection is not None
+                return WebSocketStream(transport, ws.connection, max_message_size=max_message_size)
+            if isinstance(event, RejectConnection):
+                rejected = event
+                if not event.has_body:
+                    raise WebSocketRejected(event.status_code, list(event.headers), b"")
+            elif isinstance(event, RejectData) and rejected is not None:
+                body += event.data
+                if len(body) > 65536:
+                    del body[65536:]
+                if event.body_finished:
+                    status, reply_headers = rejected.status_code, list(rejected.headers)
+                    raise WebSocketRejected(status, reply_headers, bytes(body))
+        if not data:
+            raise trio.BrokenResourceError("connection closed during the WebSocket handshake")
+
+
+class WebSocketRequest:
+    """An upgrade request received by :func:`receive_websocket_request`: accept or reject it."""
+
+    def __init__(self, transport: trio.abc.Stream, ws: WSConnection, request: Request) -> None:
+        self.transport = transport
+        self._ws = ws
+        self.request = request
+        #: The request target: path and query, as sent.
+        self.target: str = request.target
+        self.headers: list[tuple[bytes, bytes]] = list(request.extra_headers)
+
+    async def accept(
+        self, *, headers: Headers = (), max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    ) -> WebSocketStream:
+        extra = [(_b(name), _b(value)) for name, value in headers]
+        await self.transport.send_all(self._ws.send(AcceptConnection(extra_headers=extra)))
+        connection = self._ws.connection
+        assert connection is not None
+        return WebSocketStream(self.transport, connection, max_message_size=max_message_size)
+
+    async def reject(self, status_code: int, body: bytes = b"", *, headers: Headers = ()) -> None:
+        """Answer with an HTTP error instead of upgrading, then close the transport."""
+        extra = [(_b(name), _b(value)) for name, value in headers]
+        if body:
+            extra.append((b"content-length", str(len(body)).encode()))
+        reply = RejectConnection(status_code=status_code, headers=extra, has_body=bool(body))
+        data = self._ws.send(reply)
+        if body:
+            data += self._ws.send(RejectData(data=body, body_finished=True))
+        try:
+            await self.transport.send_all(data)
+        finally:
+            await trio.aclose_forcefully(self.transport)
+
+
+async def receive_websocket_request(transport: trio.abc.Stream) -> WebSocketRequest:
+    """Read an HTTP upgrade request from a freshly accepted ``transport``.
+
+    Raises:
+        trio.BrokenResourceError: the peer closed or sent something that is not a WebSocket
+            upgrade (a 400 is sent back first when possible).
+    """
+    ws = WSConnection(ConnectionType.SERVER)
+    received = 0
+    while True:
+        data = await transport.receive_some(RECEIVE_SIZE)
+        received += len(data)
+        try:
+            ws.receive_data(bytes(data) or None)
+            for event in ws.events():
+                if isinstance(event, Request):
+                    return WebSocketRequest(transport, ws, event)
+        except Exception as exc:  # wsproto raises RemoteProtocolError for bad handshakes
+            with trio.move_on_after(1):
+                await transport.send_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+            raise trio.BrokenResourceError(f"not a WebSocket upgrade: {exc}") from exc
+        if not data or received > 65536:
+            raise trio.BrokenResourceError("no WebSocket upgrade request received")
+
+
+async def accept_websocket_stream(
+    transport: trio.abc.Stream, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+) -> WebSocketStream:
+    """Read an upgrade request from ``transport`` and accept it, whatever it asks for."""
+    request = await receive_websocket_request(transport)
+    return await request.accept(max_message_size=max_message_size)
+
+
+async def _sendmsg_all(sock: trio.socket.SocketType, parts: list[bytes | memoryview]) -> None:
+    parts = [part for part in parts if part]
+    while parts:
+        sent = await sock.sendmsg(parts)
+        while parts and sent >= len(parts[0]):
+            sent -= len(parts.pop(0))
+        if sent:
+            parts[0] = memoryview(parts[0])[sent:]
+
+
+def _b(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("latin-1")
+
+
+# -- trio-websocket ----------------------------------------------------------------------
+
+
+class TrioWebSocketStream(trio.abc.Stream):
+    """A byte stream over an existing trio-websocket connection (e.g. in a handler of
+    ``trio_websocket.serve_websocket``). Slower than :class:`WebSocketStream`: messages go
+    through trio-websocket's reader task and queue."""
+
+    def __init__(self, connection: trio_websocket.WebSocketConnection) -> None:
+        self.connection = connection
+        self._chunk = b""
+        self._eof = False
+        self._receive_conflict = _ConflictDetector("another task is receiving on this WebSocket")
+        self._send_conflict = _ConflictDetector("another task is sending on this WebSocket")
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is not None and operator.index(max_bytes) < 1:
+            raise ValueError("max_bytes must be at least 1")
+        with self._receive_conflict:
+            while not self._chunk:
+                if self._eof:
+                    await trio.lowlevel.checkpoint()
+                    return b""
+                try:
+                    message = await self.connection.get_message()
+                except trio_websocket.ConnectionClosed as exc:
+                    code, reason = _close_of(exc)
+                    if code in _EOF_CODES:
+                        self._eof = True
+                        continue
+                    raise WebSocketClosed(code, reason) from exc
+                if isinstance(message, str):
+                    await self.connection.aclose(CloseReason.UNSUPPORTED_DATA, "text message")
+                    raise WebSocketClosed(CloseReason.UNSUPPORTED_DATA, "text message")
+                self._chunk = message
+            if max_bytes is None or len(self._chunk) <= max_bytes:
+                data, self._chunk = self._chunk, b""
+            else:
+                data, self._chunk = self._chunk[:max_bytes], self._chunk[max_bytes:]
+            return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with self._send_conflict:
+            if not data:
+                await trio.lowlevel.checkpoint()
+                return
+            try:
+                await self.connection.send_message(bytes(data))
+            except trio_websocket.ConnectionClosed as exc:
+                raise WebSocketClosed(*_close_of(exc)) from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        with self._send_conflict:
+            await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await self.connection.aclose()
+
+
+def _close_of(exc: trio_websocket.ConnectionClosed) -> tuple[int, str]:
+    if exc.reason is None:
+        return CloseReason.ABNORMAL_CLOSURE, ""
+    return exc.reason.code, exc.reason.reason or ""
+
+
+__all__ = [
+    "CLOSE_REPLACED",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "TrioWebSocketStream",
+    "WebSocketClosed",
+    "WebSocketRejected",
+    "WebSocketRequest",
+    "WebSocketStream",
+    "accept_websocket_stream",
+    "client_handshake",
+    "connect_websocket_stream",
+    "receive_websocket_request",
+]
