@@ -236,10 +236,17 @@ class WebSocketStream(trio.abc.Stream):
         self._ws.receive_data(data if type(data) is bytes else bytes(data))
         self._handle_events()
         if self._control and not self._writing:
-            # Owed pongs and close replies: a short write that a cancelled read must not
-            # cut in half, so it is shielded (and bounded).
-            with trio.CancelScope(shield=True, deadline=trio.current_time() + 10):
+            await self._flush_control()
+
+    async def _flush_control(self) -> None:
+        """Send owed pongs and close replies. A short write that a cancelled read must not
+        cut in half, so it is shielded (and bounded); a peer that is already gone is no
+        error of the read that found its close frame."""
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 10):
+            try:
                 await self._write([])
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._control.clear()
 
     def _handle_events(self) -> None:
         for event in self._ws.events():
@@ -334,8 +341,8 @@ class WebSocketStream(trio.abc.Stream):
             if self._closed:
                 raise trio.ClosedResourceError("this WebSocket stream was closed") from exc
             self._broken(exc)
-            assert self._error is not None
-            raise copy.copy(self._error) from exc
+            error = self._error or WebSocketClosed(CloseReason.ABNORMAL_CLOSURE, "connection lost")
+            raise copy.copy(error) from exc
         finally:
             self._writing = False
             idle, self._write_idle = self._write_idle, None

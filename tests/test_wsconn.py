@@ -1,0 +1,313 @@
+"""A WebSocket as a byte stream: trio's stream contract, message boundaries, closing."""
+
+from __future__ import annotations
+
+import functools
+import os
+import unittest.mock
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from wsproto import ConnectionType
+from wsproto.connection import Connection
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+from wsproto.frame_protocol import XorMaskerNull
+
+from visiona_tunnel.wsconn import (
+    CLOSE_REPLACED,
+    FAST_MASKING,
+    WebSocketClosed,
+    WebSocketRejected,
+    WebSocketStream,
+    accept_websocket_stream,
+    client_handshake,
+    connect_websocket_stream,
+    encode_binary_message,
+    receive_websocket_request,
+)
+
+Pair = tuple[WebSocketStream, WebSocketStream]
+
+
+async def memory_pair() -> Pair:
+    """A connected (client, server) pair over in-memory transports."""
+    client_end, server_end = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        box: list[WebSocketStream] = []
+
+        async def accept() -> None:
+            box.append(await accept_websocket_stream(server_end))
+
+        nursery.start_soon(accept)
+        client = await client_handshake(client_end, "example", "/tunnel/connect")
+    return client, box[0]
+
+
+@asynccontextmanager
+async def tcp_server(
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+) -> AsyncIterator[int]:
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+        )
+        yield listeners[0].socket.getsockname()[1]
+        nursery.cancel_scope.cancel()
+
+
+class PeerOf:
+    """The far end of a client WebSocketStream, driven with wsproto by hand."""
+
+    def __init__(self, transport: trio.abc.Stream, connection: Connection) -> None:
+        self.transport = transport
+        self.ws = connection
+
+    async def send(self, *events: BytesMessage | TextMessage | Ping | CloseConnection) -> None:
+        await self.transport.send_all(b"".join(self.ws.send(event) for event in events))
+
+    async def events(self) -> list[object]:
+        self.ws.receive_data(bytes(await self.transport.receive_some()))
+        return list(self.ws.events())
+
+
+async def client_and_raw_server() -> tuple[WebSocketStream, PeerOf]:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        box: list[PeerOf] = []
+
+        async def accept() -> None:
+            request = await receive_websocket_request(server_end)
+            await request.accept()
+            assert request._ws.connection is not None
+            box.append(PeerOf(server_end, request._ws.connection))
+
+        nursery.start_soon(accept)
+        client = await client_handshake(client_end, "example", "/")
+    return client, box[0]
+
+
+# -- the trio stream contract -------------------------------------------------------------
+
+
+async def test_a_websocket_stream_pair_is_a_trio_two_way_stream_over_memory() -> None:
+    await trio.testing.check_two_way_stream(memory_pair, None)
+
+
+async def test_a_websocket_stream_pair_is_a_trio_two_way_stream_over_tcp() -> None:
+    async with trio.open_nursery() as nursery:
+        accepted: trio.MemorySendChannel[WebSocketStream]
+        accepted, incoming = trio.open_memory_channel[WebSocketStream](1)
+
+        async def handler(tcp: trio.SocketStream) -> None:
+            await accepted.send(await accept_websocket_stream(tcp))
+            await trio.sleep_forever()
+
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+
+        async def tcp_pair() -> Pair:
+            client = await connect_websocket_stream(f"ws://127.0.0.1:{port}/x")
+            return client, await incoming.receive()
+
+        await trio.testing.check_two_way_stream(tcp_pair, None)
+        nursery.cancel_scope.cancel()
+
+
+# -- message boundaries -------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    messages=st.lists(st.binary(min_size=0, max_size=3000), max_size=12), read=st.integers(1, 5000)
+)
+async def test_bytes_arrive_in_order_whatever_the_message_boundaries(
+    messages: list[bytes], read: int
+) -> None:
+    client, server = await memory_pair()
+    for message in messages:
+        await client.send_all(message)
+    expected = b"".join(messages)
+    received = bytearray()
+    while len(received) < len(expected):
+        chunk = await server.receive_some(read)
+        assert 0 < len(chunk) <= read
+        received += chunk
+    assert received == expected
+
+
+async def test_a_fragmented_message_reads_as_its_bytes() -> None:
+    """gorilla splits large messages into a first frame and continuation frames."""
+    client, peer = await client_and_raw_server()
+    await peer.send(
+        BytesMessage(data=b"abc", message_finished=False),
+        BytesMessage(data=b"def", message_finished=False),
+        BytesMessage(data=b"ghi", message_finished=True),
+    )
+    received = b""
+    while len(received) < 9:
+        received += await client.receive_some()
+    assert received == b"abcdefghi"
+
+
+async def test_header_and_body_in_two_messages_read_as_one_byte_stream() -> None:
+    """A Go yamux peer writes a frame's 12-byte header and its body as two messages."""
+    client, peer = await client_and_raw_server()
+    await peer.send(BytesMessage(data=b"H" * 12), BytesMessage(data=b"B" * 100))
+    assert await client.receive_some(112) + await client.receive_some(112) == b"H" * 12 + b"B" * 100
+
+
+async def test_empty_messages_are_not_end_of_file() -> None:
+    client, peer = await client_and_raw_server()
+    await peer.send(BytesMessage(data=b""), BytesMessage(data=b"x"))
+    assert await client.receive_some() == b"x"
+
+
+# -- limits and errors --------------------------------------------------------------------
+
+
+async def test_default_message_limit_takes_a_16_mib_yamux_frame() -> None:
+    client, server = await memory_pair()
+    frame = os.urandom(16 * 1024 * 1024 + 12)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, frame)
+        received = bytearray()
+        while len(received) < len(frame):
+            received += await server.receive_some()
+    assert received == frame
+
+
+async def test_a_message_over_the_limit_closes_with_1009() -> None:
+    client, peer = await client_and_raw_server()
+    client.max_message_size = 1000
+    await peer.send(BytesMessage(data=b"x" * 600, message_finished=False))
+    await peer.send(BytesMessage(data=b"x" * 600, message_finished=True))
+    with pytest.raises(WebSocketClosed) as raised:
+        while True:
+            await client.receive_some()
+    assert raised.value.code == 1009
+    assert any(isinstance(e, CloseConnection) and e.code == 1009 for e in await peer.events())
+
+
+async def test_a_text_message_is_a_protocol_error_closing_with_1003() -> None:
+    client, peer = await client_and_raw_server()
+    await peer.send(TextMessage(data="hello"))
+    with pytest.raises(WebSocketClosed) as raised:
+        await client.receive_some()
+    assert raised.value.code == 1003
+
+
+@pytest.mark.parametrize("code", [1000, 1001])
+async def test_normal_and_going_away_closes_read_as_end_of_file(code: int) -> None:
+    client, peer = await client_and_raw_server()
+    await peer.send(BytesMessage(data=b"last"), CloseConnection(code=code))
+    assert await client.receive_some() == b"last"
+    assert await client.receive_some() == b""
+    assert client.close_code == code
+
+
+async def test_other_close_codes_raise_with_the_code() -> None:
+    client, peer = await client_and_raw_server()
+    await peer.send(CloseConnection(code=CLOSE_REPLACED, reason="replaced"))
+    with pytest.raises(WebSocketClosed) as raised:
+        await client.receive_some()
+    assert (raised.value.code, raised.value.reason) == (CLOSE_REPLACED, "replaced")
+    assert isinstance(raised.value, trio.BrokenResourceError)
+    assert client.close_code == CLOSE_REPLACED
+
+
+async def test_a_close_is_answered_with_a_close() -> None:
+    client, peer = await client_and_raw_server()
+    await peer.send(CloseConnection(code=1000))
+    assert await client.receive_some() == b""
+    assert any(isinstance(e, CloseConnection) for e in await peer.events())
+
+
+async def test_a_ping_is_answered_with_a_pong() -> None:
+    client, peer = await client_and_raw_server()
+    await peer.send(Ping(payload=b"are you there"), BytesMessage(data=b"x"))
+    assert await client.receive_some() == b"x"
+    events = await peer.events()
+    assert Pong(payload=b"are you there") in events
+
+
+async def test_a_lost_connection_raises_1006() -> None:
+    client, peer = await client_and_raw_server()
+    await peer.transport.aclose()
+    with pytest.raises(WebSocketClosed) as raised:
+        await client.receive_some()
+    assert raised.value.code == 1006
+
+
+async def test_our_close_sends_a_close_frame_and_later_use_is_closed_resource() -> None:
+    client, peer = await client_and_raw_server()
+    await client.aclose()
+    assert any(isinstance(e, CloseConnection) and e.code == 1000 for e in await peer.events())
+    with pytest.raises(trio.ClosedResourceError):
+        await client.send_all(b"x")
+
+
+# -- the handshake ------------------------------------------------------------------------
+
+
+async def test_a_refused_upgrade_raises_with_the_status() -> None:
+    async def refuse(tcp: trio.SocketStream) -> None:
+        request = await receive_websocket_request(tcp)
+        await request.reject(401, b"unauthorized\n")
+
+    async with tcp_server(refuse) as port:
+        with pytest.raises(WebSocketRejected) as raised:
+            await connect_websocket_stream(f"ws://127.0.0.1:{port}/tunnel/connect?token=bad")
+    assert raised.value.status_code == 401
+    assert raised.value.body == b"unauthorized\n"
+
+
+async def test_the_request_target_and_headers_reach_the_server() -> None:
+    seen: list[tuple[str, list[tuple[bytes, bytes]]]] = []
+
+    async def record(tcp: trio.SocketStream) -> None:
+        request = await receive_websocket_request(tcp)
+        seen.append((request.target, request.headers))
+        ws = await request.accept()
+        await ws.send_all(b"hi")
+
+    async with tcp_server(record) as port:
+        url = f"ws://127.0.0.1:{port}/tunnel/connect?token=a%20b"
+        client = await connect_websocket_stream(url, headers=[("X-Agent", "7")])
+        assert await client.receive_some() == b"hi"
+        await client.aclose()
+    assert seen[0][0] == "/tunnel/connect?token=a%20b"
+    assert (b"x-agent", b"7") in [(k.lower(), v) for k, v in seen[0][1]]
+
+
+# -- the data path matches wsproto --------------------------------------------------------
+
+
+@given(payload=st.binary(max_size=70_000), key=st.binary(min_size=4, max_size=4))
+def test_our_binary_frames_are_the_bytes_wsproto_would_send(payload: bytes, key: bytes) -> None:
+    for client in (True, False):
+        connection = Connection(ConnectionType.CLIENT if client else ConnectionType.SERVER)
+        with unittest.mock.patch("os.urandom", return_value=key):
+            expected = connection.send(BytesMessage(data=payload))
+        ours = encode_binary_message(payload, client=client, masking_key=key)
+        assert b"".join(ours) == bytes(expected)
+
+
+@given(data=st.lists(st.binary(max_size=50), max_size=8), key=st.binary(min_size=4, max_size=4))
+def test_the_fast_masker_unmasks_split_payloads_like_wsproto(data: list[bytes], key: bytes) -> None:
+    from wsproto import frame_protocol
+
+    fast = frame_protocol.XorMaskerSimple(key)
+    assert getattr(fast, "fast", False) is FAST_MASKING
+    reference_key = bytearray(key)
+    reference = b""
+    for piece in data:  # the reference: XOR with the key, continuing across pieces
+        reference += bytes(b ^ reference_key[(len(reference) + i) % 4] for i, b in enumerate(piece))
+    assert b"".join(bytes(fast.process(bytearray(piece))) for piece in data) == reference
+    assert XorMaskerNull().process(bytearray(b"abc")) == b"abc"
