@@ -1,0 +1,261 @@
+"""The tunnel client (agent side): dial the relay, serve the streams it opens.
+
+Mirrors the Go client the project started from: dial ``ws(s)://relay/tunnel/connect`` with
+the device token, run a yamux *client* session over the WebSocket, and answer each stream
+the relay opens (one HTTP/1.1 request, or a WebSocket upgrade piped raw) from the local
+server. Reconnects forever: with backoff after a failed dial, at once after a session that
+was up ends, except when the relay says this connection was *replaced* by a newer one for
+the same token (close code :data:`~visiona_tunnel.wsconn.CLOSE_REPLACED`) or refuses the
+token (HTTP 401/403): then it backs off, so two agents sharing a token cannot flap.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Self
+from urllib.parse import quote
+
+import attrs
+import trio
+
+from . import yamux
+from .backoff import backoff
+from .forward import serve_tunnel_stream
+from .wsconn import (
+    CLOSE_REPLACED,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    WebSocketRejected,
+    WebSocketStream,
+    connect_websocket_stream,
+)
+
+logger = logging.getLogger("visiona_tunnel.client")
+
+#: The tunnel's yamux settings: hashicorp's defaults with a 10 s keepalive (3 missed = 30 s).
+TUNNEL_YAMUX_CONFIG = yamux.Config(keepalive_interval=10.0, keepalive_timeout=30.0)
+
+
+class ClientState(enum.Enum):
+    CONNECTING = "connecting"
+    ONLINE = "online"
+    RECONNECTING = "reconnecting"
+    STOPPED = "stopped"
+
+
+class TokenRefused(Exception):
+    """The relay refused the token (HTTP 401 or 403 on the upgrade)."""
+
+    def __init__(self, status_code: int) -> None:
+        super().__init__(f"the relay refused the token (HTTP {status_code})")
+        self.status_code = status_code
+
+
+class Replaced(Exception):
+    """The relay closed this tunnel because a newer one with the same token arrived."""
+
+
+@attrs.frozen(kw_only=True)
+class ClientHooks:
+    """Callbacks on the client's life cycle; each runs in the client's task and must not block."""
+
+    on_dial_attempt: Callable[[int], None] | None = None
+    on_session_up: Callable[[], None] | None = None
+    on_session_down: Callable[[BaseException | None], None] | None = None
+    on_dial_failed: Callable[[int, BaseException], None] | None = None
+    on_retry_scheduled: Callable[[int, float], None] | None = None
+
+
+@attrs.frozen(kw_only=True)
+class ClientConfig:
+    yamux: yamux.Config = TUNNEL_YAMUX_CONFIG
+    #: Backoff between failed dials: ``base * 2**(n-1)`` capped at ``cap``; ``jitter`` takes
+    #: up to that fraction off each delay at random.
+    backoff_base: float = 1.0
+    backoff_cap: float = 30.0
+    backoff_jitter: float = 0.0
+    #: Dial plus WebSocket handshake must finish within this.
+    connect_timeout: float = 10.0
+    #: A forwarded request with no byte moving either way for this long is abandoned.
+    stream_idle_timeout: float = 300.0
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+
+
+class TunnelClient:
+    """Keep a tunnel to ``relay_url`` up and serve it from ``local_addr``.
+
+    Use ``async with TunnelClient(...) as client:`` (runs in the background until the block
+    ends) or ``await client.run()`` (runs until :meth:`stop`). ``stop`` is idempotent.
+    """
+
+    def __init__(
+        self,
+        relay_url: str,
+        token: str,
+        local_addr: tuple[str, int],
+        *,
+        hooks: ClientHooks | None = None,
+        config: ClientConfig | None = None,
+    ) -> None:
+        self.relay_url = relay_url
+        self.token = token
+        self.local_addr = local_addr
+        self.hooks = hooks or ClientHooks()
+        self.config = config or ClientConfig()
+        self._state = ClientState.CONNECTING
+        self._stopped = False
+        self._scope: trio.CancelScope | None = None
+        self._stack: AsyncExitStack | None = None
+        self._state_changed = trio.Event()
+
+    @property
+    def state(self) -> ClientState:
+        return self._state
+
+    async def wait_state(self, state: ClientState) -> None:
+        """Wait until the client is in ``state``."""
+        while self._state is not state:
+            await self._state_changed.wait()
+
+    def stop(self) -> None:
+        """Close the session (if any) and stop reconnecting. Safe to call any number of times."""
+        self._stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
+        else:
+            self._set_state(ClientState.STOPPED)
+
+    async def __aenter__(self) -> Self:
+        self._stack = AsyncExitStack()
+        nursery = await self._stack.enter_async_context(trio.open_nursery())
+        nursery.start_soon(self.run)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
+        self.stop()
+        assert self._stack is not None
+        return await self._stack.__aexit__(exc_type, exc, traceback)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Dial, serve, redial; returns once :meth:`stop` is called."""
+        if self._stopped:
+            task_status.started()
+            return
+        try:
+            with trio.CancelScope() as self._scope:
+                task_status.started()
+                await self._reconnect_forever()
+        finally:
+            self._scope = None
+            self._set_state(ClientState.STOPPED)
+
+    async def _reconnect_forever(self) -> None:
+        attempt = 0  # failed dials (or replacements) since the last good session
+        while True:
+            attempt += 1
+            if self._state is ClientState.ONLINE:
+                self._set_state(ClientState.RECONNECTING)
+            self._call(self.hooks.on_dial_attempt, attempt)
+            try:
+                with trio.fail_after(self.config.connect_timeout):
+                    ws = await self._dial()
+            except (OSError, trio.TooSlowError, trio.BrokenResourceError, TokenRefused) as exc:
+                self._call(self.hooks.on_dial_failed, attempt, exc)
+                if isinstance(exc, TokenRefused):
+                    logger.error("relay refused the token", extra={"status": exc.status_code})
+                    delay = self.config.backoff_cap
+                else:
+                    logger.warning("dial failed", extra={"attempt": attempt, "error": repr(exc)})
+                    delay = self._backoff(attempt)
+                await self._retry_after(attempt, delay)
+                continue
+            error = await self._serve(ws)
+            self._call(self.hooks.on_session_down, error)
+            logger.info("session down", extra={"error": repr(error) if error else None})
+            if isinstance(error, Replaced):
+                # Another agent holds the same token: back off instead of taking it back.
+                await self._retry_after(attempt, self._backoff(attempt))
+                continue
+            attempt = 0  # a session was up: redial at once
+
+    async def _retry_after(self, attempt: int, delay: float) -> None:
+        self._set_state(ClientState.RECONNECTING)
+        self._call(self.hooks.on_retry_scheduled, attempt, delay)
+        logger.info("retry scheduled", extra={"attempt": attempt, "delay": delay})
+        await trio.sleep(delay)
+
+    def _backoff(self, attempt: int) -> float:
+        config = self.config
+        return backoff(
+            attempt, base=config.backoff_base, cap=config.backoff_cap, jitter=config.backoff_jitter
+        )
+
+    async def _dial(self) -> WebSocketStream:
+        separator = "&" if "?" in self.relay_url else "?"
+        url = f"{self.relay_url}{separator}token={quote(self.token, safe='')}"
+        try:
+            return await connect_websocket_stream(
+                url, max_message_size=self.config.max_message_size
+            )
+        except WebSocketRejected as exc:
+            if exc.status_code in (401, 403):
+                raise TokenRefused(exc.status_code) from exc
+            raise trio.BrokenResourceError(f"relay answered HTTP {exc.status_code}") from exc
+
+    async def _serve(self, ws: WebSocketStream) -> BaseException | None:
+        """Run one session until it ends; returns why it ended (None if we stopped it)."""
+        async with (
+            yamux.open_session(ws, client=True, config=self.config.yamux) as session,
+            trio.open_nursery() as handlers,
+        ):
+            self._set_state(ClientState.ONLINE)
+            self._call(self.hooks.on_session_up)
+            logger.info("session up", extra={"relay": self.relay_url})
+            async for stream in session:
+                handlers.start_soon(self._handle, stream)
+            # The session is over: requests still waiting on the local server are moot.
+            handlers.cancel_scope.cancel()
+        if ws.close_code == CLOSE_REPLACED:
+            return Replaced("the relay replaced this tunnel with a newer one for the same token")
+        return session.close_reason
+
+    async def _handle(self, stream: yamux.Stream) -> None:
+        try:
+            await serve_tunnel_stream(
+                stream, self.local_addr, idle_timeout=self.config.stream_idle_timeout
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            logger.debug("stream %d ended: %r", stream.stream_id, exc)
+        finally:
+            await stream.aclose()
+
+    def _set_state(self, state: ClientState) -> None:
+        if state is not self._state:
+            self._state = state
+            logger.info("state", extra={"state": state.value})
+            self._state_changed.set()
+            self._state_changed = trio.Event()
+
+    @staticmethod
+    def _call(hook: Callable[..., None] | None, *args: object) -> None:
+        if hook is not None:
+            hook(*args)
+
+
+__all__ = [
+    "TUNNEL_YAMUX_CONFIG",
+    "ClientConfig",
+    "ClientHooks",
+    "ClientState",
+    "Replaced",
+    "TokenRefused",
+    "TunnelClient",
+]

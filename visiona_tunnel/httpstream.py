@@ -1,0 +1,281 @@
+"""The relay's end of a tunnel stream: send one HTTP/1.1 request, stream the response back.
+
+::
+
+    async with trio.open_nursery() as nursery:
+        stream = await session.open_stream()
+        response = await forward_http(nursery, stream, "POST", "/upload", headers, body)
+        async with response:              # or: try ... finally: await response.aclose()
+            status, headers = response.status, response.headers
+            async for chunk in response.body:
+                ...
+
+The request body is uploaded by a task in the caller's ``nursery`` while the response
+is read (a server may answer before the upload ends, and a large upload would fill the
+agent's window otherwise), so ``forward_http`` returns as soon as the response head
+has arrived. ``aclose()`` ends the exchange: after a complete response (and upload) it
+closes the stream; otherwise -- the caller stopped reading, failed or was cancelled --
+it resets the stream (an agent writing the rest of a response must not be left blocked
+on a window nobody reads) and stops the upload. The stream belongs to the exchange from
+the call on. Timeouts are the caller's (``trio.fail_after`` around the calls).
+
+A response that is missing, malformed or cut short (EOF or reset before its end)
+raises :class:`ForwardError`; the agent's 502 and 400 answers are ordinary responses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from types import TracebackType
+
+import attrs
+import h11
+import trio
+
+from .forward import CHUNK_SIZE, MAX_HEAD_SIZE, abort_stream, header_tokens
+
+__all__ = ["HOP_BY_HOP_HEADERS", "ForwardError", "HttpResponse", "forward_http", "request_headers"]
+
+#: Dropped from the caller's request headers (RFC 9110 7.6.1), with the headers that
+#: ``Connection`` names. A body of unknown length is still sent chunked.
+HOP_BY_HOP_HEADERS: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+
+class ForwardError(trio.BrokenResourceError):
+    """The agent's response was missing, malformed or cut short (see ``__cause__``)."""
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value.encode("latin-1") if isinstance(value, str) else value
+
+
+def request_headers(
+    headers: Iterable[tuple[bytes | str, bytes | str]],
+    body: bytes | AsyncIterable[bytes],
+    *,
+    host: bytes,
+) -> list[tuple[bytes, bytes]]:
+    """The caller's headers as forwarded: hop-by-hop headers dropped, ``Host`` added if
+    missing (first), and the body's framing: ``Content-Length`` for ``bytes`` (when not
+    empty, or when the caller sent one), the caller's ``Content-Length`` for an
+    iterable body if there is one, else ``Transfer-Encoding: chunked``."""
+    items = [(_as_bytes(name), _as_bytes(value)) for name, value in headers]
+    drop = HOP_BY_HOP_HEADERS | header_tokens(items, b"connection")
+    out = [(name, value) for name, value in items if name.lower() not in drop]
+    if not any(name.lower() == b"host" for name, _ in out):
+        out.insert(0, (b"Host", host))
+    has_length = any(name.lower() == b"content-length" for name, _ in out)
+    if isinstance(body, bytes):
+        out = [(name, value) for name, value in out if name.lower() != b"content-length"]
+        if body or has_length:
+            out.append((b"Content-Length", str(len(body)).encode()))
+    elif not has_length:
+        out.append((b"Transfer-Encoding", b"chunked"))
+    return out
+
+
+class _Exchange:
+    """The h11 client side of one request; the response body iterator."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_SIZE)
+        self.upload_scope = trio.CancelScope()
+        self.upload_finished = trio.Event()
+        self.upload_started = False
+        self.uploaded = False
+        self.complete = False
+        self.closed = False
+
+    async def send(self, event: h11.Event) -> None:
+        data = self.conn.send(event)
+        if data:
+            await self.stream.send_all(data)
+
+    async def upload(self, body: bytes | AsyncIterable[bytes]) -> None:
+        """Runs in the caller's nursery. A failing ``body`` resets the stream (the agent
+        must not see a complete request) and raises there; a broken stream ends the
+        upload quietly (reading the response tells what happened). An async generator
+        ``body`` is closed when the upload ends."""
+        try:
+            with self.upload_scope:
+                try:
+                    if isinstance(body, bytes):
+                        for start in range(0, len(body), CHUNK_SIZE):
+                            await self.send(h11.Data(data=body[start : start + CHUNK_SIZE]))
+                    else:
+                        chunks = aiter(body)
+                        try:
+                            async for chunk in chunks:
+                                if chunk:
+                                    await self.send(h11.Data(data=chunk))
+                        finally:
+                            aclose = getattr(chunks, "aclose", None)  # an async generator
+                            if aclose is not None:
+                                await aclose()
+                    await self.send(h11.EndOfMessage())
+                    self.uploaded = True
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                except Exception:
+                    await abort_stream(self.stream)
+                    raise
+        finally:
+            self.upload_finished.set()
+
+    async def next_event(self) -> h11.Event:
+        while True:
+            try:
+                event = self.conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await self.stream.receive_some(CHUNK_SIZE)
+                    self.conn.receive_data(bytes(data))
+                    continue
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if self.closed:
+                    raise trio.ClosedResourceError("the response was closed") from exc
+                raise ForwardError(f"the tunnel stream broke: {exc!r}") from exc
+            except h11.RemoteProtocolError as exc:
+                raise ForwardError(f"bad response from the agent: {exc}") from exc
+            if isinstance(event, h11.ConnectionClosed):
+                raise ForwardError("the agent closed the stream without a response")
+            if not isinstance(event, h11.Event):
+                raise ForwardError(f"unexpected response from the agent: {event!r}")
+            return event
+
+    async def read_head(self) -> h11.Response:
+        while True:
+            event = await self.next_event()
+            if isinstance(event, h11.Response):
+                return event
+            if not isinstance(event, h11.InformationalResponse) or event.status_code == 101:
+                raise ForwardError(f"unexpected response from the agent: {event!r}")
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.closed:
+            raise trio.ClosedResourceError("the response was closed")
+        if self.complete:
+            raise StopAsyncIteration
+        event = await self.next_event()
+        if isinstance(event, h11.Data):
+            return bytes(event.data)
+        if isinstance(event, h11.EndOfMessage):
+            self.complete = True
+            raise StopAsyncIteration
+        raise ForwardError(f"unexpected event in the response body: {event!r}")
+
+    async def aclose(self) -> None:
+        if self.closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self.closed = True
+        self.upload_scope.cancel()
+        if self.upload_started:
+            with trio.CancelScope(shield=True):
+                await self.upload_finished.wait()
+        if self.complete and self.uploaded:
+            await trio.aclose_forcefully(self.stream)
+        else:
+            await abort_stream(self.stream)
+
+
+@attrs.frozen
+class HttpResponse:
+    """The agent's response: head, streamed body, and the end of the exchange."""
+
+    status: int
+    reason: bytes
+    #: As received: order and case kept, repeated headers repeated.
+    headers: list[tuple[bytes, bytes]]
+    _exchange: _Exchange = attrs.field(repr=False)
+
+    @property
+    def body(self) -> AsyncIterator[bytes]:
+        """The body, chunk by chunk (``async for``); ends at the end of the response;
+        :class:`ForwardError` if the response is cut short. Iterate it once."""
+        return self._exchange
+
+    @property
+    def complete(self) -> bool:
+        """True once the body was read to its end."""
+        return self._exchange.complete
+
+    async def aclose(self) -> None:
+        """End the exchange; resets the stream unless the response was read whole and
+        the request body was sent whole. Idempotent."""
+        await self._exchange.aclose()
+
+    async def __aenter__(self) -> HttpResponse:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+async def forward_http(
+    nursery: trio.Nursery,
+    stream: trio.abc.Stream,
+    method: bytes | str,
+    target: bytes | str,
+    headers: Iterable[tuple[bytes | str, bytes | str]] = (),
+    body: bytes | AsyncIterable[bytes] = b"",
+    *,
+    host: bytes | str = b"localhost",
+) -> HttpResponse:
+    """Send one request down ``stream`` and return the response once its head arrives.
+
+    ``target`` is sent byte for byte (keep it escaped); ``headers`` are prepared by
+    :func:`request_headers` (``host`` is the ``Host`` used when there is none). The
+    body is uploaded by a task in ``nursery`` (see the module docstring). The caller
+    must ``aclose()`` the response (or use ``async with``); if this call raises --
+    :class:`ForwardError`, cancellation -- the stream is already reset.
+    """
+    exchange = _Exchange(stream)
+    try:
+        request = h11.Request(
+            method=_as_bytes(method),
+            target=_as_bytes(target),
+            headers=request_headers(headers, body, host=_as_bytes(host)),
+        )
+        try:
+            await exchange.send(request)
+        except trio.BrokenResourceError as exc:
+            raise ForwardError(f"the tunnel stream broke: {exc}") from exc
+        if isinstance(body, bytes) and not body:
+            exchange.conn.send(h11.EndOfMessage())
+            exchange.uploaded = True
+        else:
+            nursery.start_soon(exchange.upload, body)
+            exchange.upload_started = True
+        head = await exchange.read_head()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await exchange.aclose()
+        raise
+    return HttpResponse(
+        status=head.status_code,
+        reason=bytes(head.reason),
+        headers=head.headers.raw_items(),
+        exchange=exchange,
+    )

@@ -1,0 +1,288 @@
+"""The relay side: accept tunnels, keep one live tunnel per device, send traffic down them.
+
+A :class:`TunnelRegistry` owns the live tunnels by key (the device id). ``await
+registry.serve(key, ws)`` runs one tunnel, a yamux *server* session over an accepted
+WebSocket, until it ends; a newer tunnel for the same key replaces the older one, which is
+closed with :data:`~visiona_tunnel.wsconn.CLOSE_REPLACED`. Callers reach the agent through
+:meth:`Tunnel.forward_http` (one HTTP/1.1 request per yamux stream) or :meth:`Tunnel.open_raw`
+(a stream for an upgrade they drive themselves).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
+from urllib.parse import parse_qs, urlsplit
+
+import attrs
+import trio
+
+from . import yamux
+from .httpstream import HttpResponse, forward_http
+from .wsconn import (
+    CLOSE_REPLACED,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    WebSocketStream,
+    receive_websocket_request,
+)
+
+logger = logging.getLogger("visiona_tunnel.relay")
+
+#: The relay's yamux settings: hashicorp's defaults with a 10 s keepalive.
+RELAY_YAMUX_CONFIG = yamux.Config(keepalive_interval=10.0, keepalive_timeout=30.0)
+
+
+class _CountingStream(trio.abc.Stream):
+    """Counts the bytes a tunnel moves each way."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+        self.bytes_out += len(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        self.bytes_in += len(data)
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@attrs.frozen
+class TunnelStats:
+    key: str
+    connected_since: float  # Unix time
+    remote_address: str | None
+    open_streams: int
+    rtt: float | None
+    bytes_in: int
+    bytes_out: int
+
+
+class Tunnel:
+    """One live agent connection. Get it from :meth:`TunnelRegistry.get`."""
+
+    def __init__(
+        self,
+        key: str,
+        session: yamux.Session,
+        ws: WebSocketStream,
+        counter: _CountingStream,
+        remote_address: str | None,
+        uploads: trio.Nursery,
+    ) -> None:
+        self.key = key
+        self.session = session
+        self.remote_address = remote_address
+        self.connected_since = time.time()
+        #: Set when a newer tunnel for the same key took this one's place.
+        self.replaced = False
+        self._ws = ws
+        self._counter = counter
+        self._uploads = uploads
+
+    def stats(self) -> TunnelStats:
+        return TunnelStats(
+            key=self.key,
+            connected_since=self.connected_since,
+            remote_address=self.remote_address,
+            open_streams=self.session.num_streams,
+            rtt=self.session.rtt,
+            bytes_in=self._counter.bytes_in,
+            bytes_out=self._counter.bytes_out,
+        )
+
+    async def forward_http(
+        self,
+        method: bytes | str,
+        target: bytes | str,
+        headers: Iterable[tuple[bytes | str, bytes | str]] = (),
+        body: bytes | AsyncIterable[bytes] = b"",
+    ) -> HttpResponse:
+        """Send one HTTP/1.1 request to the agent's local server and return the response
+        once its head arrives; see :func:`visiona_tunnel.httpstream.forward_http`. The
+        request body is uploaded by a task of this tunnel. ``aclose()`` the response (or
+        ``async with`` it): a response abandoned early resets its stream.
+
+        Raises:
+            yamux.SessionClosed: the tunnel is gone. httpstream.ForwardError: the agent's
+                answer was missing, malformed or cut short.
+        """
+        stream = await self.session.open_stream()
+        return await forward_http(self._uploads, stream, method, target, headers, body)
+
+    async def open_raw(self) -> yamux.Stream:
+        """A new stream to the agent, for a protocol upgrade the caller drives."""
+        return await self.session.open_stream()
+
+    async def ping(self) -> float:
+        return await self.session.ping()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """GoAway, then close the WebSocket with ``code`` (the agent sees it)."""
+        if not self.session.is_closed:
+            with contextlib.suppress(yamux.SessionClosed):
+                await self.session.go_away()
+        await self._ws.aclose(code, reason)
+
+
+@attrs.frozen
+class TunnelUp:
+    key: str
+    tunnel: Tunnel
+
+
+@attrs.frozen
+class TunnelDown:
+    key: str
+    tunnel: Tunnel
+    reason: BaseException | None
+    replaced: bool
+
+
+TunnelEvent = TunnelUp | TunnelDown
+
+
+class TunnelRegistry:
+    """Live tunnels by key. Observers (``add_observer``) get :class:`TunnelUp` and
+    :class:`TunnelDown` events, synchronously, from the tunnel's task."""
+
+    def __init__(self, *, config: yamux.Config = RELAY_YAMUX_CONFIG) -> None:
+        self.config = config
+        self._tunnels: dict[str, Tunnel] = {}
+        self._observers: list[Callable[[TunnelEvent], None]] = []
+        self._changed = trio.Event()
+
+    def get(self, key: str) -> Tunnel | None:
+        return self._tunnels.get(key)
+
+    def __iter__(self) -> Iterator[Tunnel]:
+        return iter(list(self._tunnels.values()))
+
+    def __len__(self) -> int:
+        return len(self._tunnels)
+
+    def add_observer(self, observer: Callable[[TunnelEvent], None]) -> None:
+        self._observers.append(observer)
+
+    async def wait_for(self, key: str) -> Tunnel:
+        """Wait until a tunnel for ``key`` is up."""
+        while (tunnel := self._tunnels.get(key)) is None:
+            await self._changed.wait()
+        return tunnel
+
+    async def serve(
+        self,
+        key: str,
+        ws: WebSocketStream,
+        *,
+        remote_address: str | None = None,
+        task_status: trio.TaskStatus[Tunnel] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run the tunnel of ``key`` over ``ws`` until it ends (or is replaced)."""
+        counter = _CountingStream(ws)
+        async with (
+            yamux.open_session(counter, client=False, config=self.config) as session,
+            trio.open_nursery() as uploads,
+        ):
+            tunnel = Tunnel(key, session, ws, counter, remote_address, uploads)
+            previous = self._tunnels.get(key)
+            self._tunnels[key] = tunnel
+            self._notify(TunnelUp(key, tunnel))
+            logger.info("tunnel up", extra={"key": key, "remote": remote_address})
+            task_status.started(tunnel)
+            if previous is not None:
+                previous.replaced = True
+                await previous.close(CLOSE_REPLACED, "replaced by a newer connection")
+            try:
+                # Agents do not open streams; refuse any they try to.
+                async for stream in session:
+                    await stream.reset()
+            finally:
+                uploads.cancel_scope.cancel()
+                if self._tunnels.get(key) is tunnel:
+                    del self._tunnels[key]
+                await ws.aclose()
+        reason = session.close_reason
+        self._notify(TunnelDown(key, tunnel, reason, tunnel.replaced))
+        logger.info(
+            "tunnel down", extra={"key": key, "reason": repr(reason), "replaced": tunnel.replaced}
+        )
+
+    def _notify(self, event: TunnelEvent) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+        for observer in self._observers:
+            observer(event)
+
+
+TokenVerifier = Callable[[str], Awaitable[str | None]]
+
+
+def token_from_request(target: str, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The device token: query parameter ``token`` or ``Authorization: Bearer``."""
+    for name, value in headers:
+        if name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
+            return value[7:].decode("latin-1").strip() or None
+    tokens = parse_qs(urlsplit(target).query).get("token")
+    return tokens[0] if tokens else None
+
+
+async def serve_tunnel_listener(
+    registry: TunnelRegistry,
+    verify_token: TokenVerifier,
+    *,
+    host: str = "0.0.0.0",
+    port: int = 3800,
+    path: str = "/tunnel/connect",
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+    handshake_timeout: float = 10.0,
+    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept agents on a plain TCP listener: WebSocket upgrade at ``path``, token checked
+    before the upgrade (401 otherwise), then ``registry.serve``."""
+
+    async def handle(tcp: trio.SocketStream) -> None:
+        remote = "{}:{}".format(*tcp.socket.getpeername()[:2])
+        try:
+            with trio.fail_after(handshake_timeout):
+                request = await receive_websocket_request(tcp)
+                if urlsplit(request.target).path != path:
+                    await request.reject(404, b"not found\n")
+                    return
+                token = token_from_request(request.target, request.headers)
+                key = await verify_token(token) if token else None
+                if key is None:
+                    await request.reject(401, b"unauthorized\n")
+                    return
+                ws = await request.accept(max_message_size=max_message_size)
+        except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            logger.info("tunnel handshake failed", extra={"remote": remote, "error": repr(exc)})
+            await trio.aclose_forcefully(tcp)
+            return
+        await registry.serve(key, ws, remote_address=remote)
+
+    await trio.serve_tcp(handle, port, host=host, task_status=task_status)
+
+
+__all__ = [
+    "RELAY_YAMUX_CONFIG",
+    "Tunnel",
+    "TunnelDown",
+    "TunnelEvent",
+    "TunnelRegistry",
+    "TunnelStats",
+    "TunnelUp",
+    "serve_tunnel_listener",
+    "token_from_request",
+]
