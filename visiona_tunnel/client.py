@@ -108,6 +108,7 @@ class TunnelClient:
         self._state = ClientState.CONNECTING
         self._stopped = False
         self._scope: trio.CancelScope | None = None
+        self._session_scope: trio.CancelScope | None = None
         self._stack: AsyncExitStack | None = None
         self._state_changed = trio.Event()
 
@@ -123,7 +124,10 @@ class TunnelClient:
     def stop(self) -> None:
         """Close the session (if any) and stop reconnecting. Safe to call any number of times."""
         self._stopped = True
-        if self._scope is not None:
+        if self._session_scope is not None:
+            # Online: end the session; the loop reports it down (with None) and returns.
+            self._session_scope.cancel()
+        elif self._scope is not None:
             self._scope.cancel()
         else:
             self._set_state(ClientState.STOPPED)
@@ -180,6 +184,8 @@ class TunnelClient:
             error = await self._serve(ws)
             self._call(self.hooks.on_session_down, error)
             logger.info("session down", extra={"error": repr(error) if error else None})
+            if self._stopped:
+                return
             if isinstance(error, Replaced):
                 # Another agent holds the same token: back off instead of taking it back.
                 await self._retry_after(attempt, self._backoff(attempt))
@@ -212,17 +218,23 @@ class TunnelClient:
 
     async def _serve(self, ws: WebSocketStream) -> BaseException | None:
         """Run one session until it ends; returns why it ended (None if we stopped it)."""
-        async with (
-            yamux.open_session(ws, client=True, config=self.config.yamux) as session,
-            trio.open_nursery() as handlers,
-        ):
-            self._set_state(ClientState.ONLINE)
-            self._call(self.hooks.on_session_up)
-            logger.info("session up", extra={"relay": self.relay_url})
-            async for stream in session:
-                handlers.start_soon(self._handle, stream)
-            # The session is over: requests still waiting on the local server are moot.
-            handlers.cancel_scope.cancel()
+        with trio.CancelScope() as self._session_scope:
+            if self._stopped:
+                self._session_scope.cancel()
+            async with (
+                yamux.open_session(ws, client=True, config=self.config.yamux) as session,
+                trio.open_nursery() as handlers,
+            ):
+                self._set_state(ClientState.ONLINE)
+                self._call(self.hooks.on_session_up)
+                logger.info("session up", extra={"relay": self.relay_url})
+                async for stream in session:
+                    handlers.start_soon(self._handle, stream)
+                # The session is over: requests still waiting on the local server are moot.
+                handlers.cancel_scope.cancel()
+        self._session_scope = None
+        if self._stopped:
+            return None
         if ws.close_code == CLOSE_REPLACED:
             return Replaced("the relay replaced this tunnel with a newer one for the same token")
         return session.close_reason

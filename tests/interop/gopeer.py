@@ -19,24 +19,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
+from support.data import pattern as pattern
+from support.data import sha256_hex as sha256_hex
 
 from visiona_tunnel.yamux import Config, Session, Stream, open_session
 
 #: Upper bound for one test, setup and teardown included; the peer gets the same limit.
 DEFAULT_TIMEOUT = 30.0
-
-_PERIOD = bytes(i * 7 % 251 for i in range(251))
-
-
-def pattern(offset: int, size: int) -> bytes:
-    """The peer's deterministic data: byte ``i`` is ``(i + offset) * 7 % 251``."""
-    start = offset % 251
-    repeats = (start + size) // 251 + 1
-    return (_PERIOD * repeats)[start : start + size]
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class GoPeer:

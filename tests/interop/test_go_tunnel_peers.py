@@ -2,18 +2,15 @@
 
 These tests prove ``tunnelpeers/`` (``goagent``, ``gorelay``) before they are used to test
 our Python agent and relay. The local server, the HTTP client and the WebSocket
-"browser" are in ``tunnelhttp.py``. Tests wait for the peers' stdout lines, never sleep,
-and every wait is bounded.
+"browser" are in ``tests/support/tunnelhttp.py``. Tests wait for the peers' stdout lines,
+never sleep, and every wait is bounded.
 """
 
 from __future__ import annotations
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed
-
-from .gopeer import pattern, sha256_hex
-from .tunnelhttp import (
+from support.tunnelhttp import (
     LocalServer,
     browser_websocket,
     closed_port,
@@ -22,6 +19,9 @@ from .tunnelhttp import (
     start_local_server,
     websocket_handshake,
 )
+from trio_websocket import ConnectionClosed
+
+from .gopeer import pattern, sha256_hex
 from .tunnelpeers import (
     CLOSE_REPLACED,
     GoAgent,

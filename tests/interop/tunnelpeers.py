@@ -196,13 +196,19 @@ class GoRelay:
 
 
 async def start_go_relay(
-    nursery: trio.Nursery, binaries: TunnelPeerBinaries, tokens: Mapping[str, str]
+    nursery: trio.Nursery,
+    binaries: TunnelPeerBinaries,
+    tokens: Mapping[str, str],
+    *,
+    tunnel_port: int = 0,
 ) -> GoRelay:
-    """Start ``gorelay`` on free loopback ports; ``tokens`` maps token -> device id."""
+    """Start ``gorelay`` on loopback; ``tokens`` maps token -> device id. The tunnel
+    listener takes ``tunnel_port`` (e.g. a restarted relay's old one), free by default;
+    the HTTP front a free port."""
     command = [
         str(binaries.relay),
         "-listen",
-        "127.0.0.1:0",
+        f"127.0.0.1:{tunnel_port}",
         "-http",
         "127.0.0.1:0",
         "-tokens",

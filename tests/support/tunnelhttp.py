@@ -2,7 +2,7 @@
 
 * ``LocalApp`` / ``start_local_server``: a raw ASGI app on hypercorn, the server an agent
   forwards to (routes in ``LocalApp``'s docstring).
-* ``http_request`` / ``http_exchange``: a tiny HTTP/1.1 client, h11 over
+* ``http_request`` / ``http_exchange`` / ``http_download``: a tiny HTTP/1.1 client, h11 over
   ``trio.open_tcp_stream`` (httpx is not a dependency of the project).
 * ``browser_websocket``: trio-websocket as the browser; ``websocket_handshake`` for a
   handshake that is expected to be refused.
@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
@@ -26,7 +28,7 @@ from trio_websocket import WebSocketConnection, wrap_client_stream
 if TYPE_CHECKING:
     from hypercorn.typing import ASGIFramework
 
-from .gopeer import pattern
+from .data import pattern
 
 MiB = 1024 * 1024
 #: Upper bound for one HTTP exchange.
@@ -47,18 +49,24 @@ async def respond(send: Send, status: int, body: bytes, headers: Sequence[Any] =
 
 
 class LocalApp:
-    """``GET|HEAD /hello``, ``POST /echo``, ``GET /bytes/N[?cl=1]``, ``ANY /status/N``,
-    WebSocket ``/ws/echo``.
+    """``GET|HEAD /hello``, ``POST /echo``, ``POST /sha256``, ``GET /bytes/N[?cl=1]``,
+    ``ANY /status/N``, ``GET /slow?ms=N``, ``ANY /headers``, WebSocket ``/ws/echo``.
 
     ``/bytes/N`` streams ``pattern(0, N)`` in 64 KiB pieces, chunked (``cl=1``: with
-    Content-Length); if the client goes away first, ``download_aborted`` is set. The
-    WebSocket echo closes with 4002 "bye" when it receives the text ``close-4002``.
+    Content-Length); if the client goes away first, ``download_aborted`` is set.
+    ``/sha256`` reads the body piece by piece and answers ``"<size> <sha256 hex>"``.
+    ``/slow`` answers after ``ms`` milliseconds; ``slow_peak`` is the most it ever had in
+    flight at once. ``/headers`` answers the request's headers as a JSON list of pairs,
+    with the response headers ``X-Custom: Value`` and two ``Set-Cookie``. The WebSocket
+    echo closes with 4002 "bye" when it receives the text ``close-4002``.
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.download_aborted = trio.Event()
         self.ws_disconnected = trio.Event()
+        self.slow_in_flight = 0
+        self.slow_peak = 0
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -84,8 +92,37 @@ class LocalApp:
                 received += message.get("body", b"")
                 more = message.get("more_body", False)
             await respond(send, 200, bytes(received))
+        elif method == "POST" and path == "/sha256":
+            digest = hashlib.sha256()
+            size = 0
+            more = True
+            while more:
+                message = await receive()
+                piece = message.get("body", b"")
+                digest.update(piece)
+                size += len(piece)
+                more = message.get("more_body", False)
+            await respond(send, 200, f"{size} {digest.hexdigest()}".encode())
         elif method == "GET" and path.startswith("/bytes/"):
             await self._bytes(int(path.removeprefix("/bytes/")), scope, receive, send)
+        elif method == "GET" and path == "/slow":
+            query = dict(part.split(b"=", 1) for part in scope["query_string"].split(b"&"))
+            self.slow_in_flight += 1
+            self.slow_peak = max(self.slow_peak, self.slow_in_flight)
+            try:
+                await trio.sleep(int(query[b"ms"]) / 1000)
+            finally:
+                self.slow_in_flight -= 1
+            await respond(send, 200, b"slept " + query[b"ms"])
+        elif path == "/headers":
+            pairs = [[name.decode(), value.decode()] for name, value in scope["headers"]]
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"X-Custom", b"Value"),
+                (b"set-cookie", b"a=1"),
+                (b"set-cookie", b"b=2"),
+            ]
+            await respond(send, 200, json.dumps(pairs).encode(), headers)
         elif path.startswith("/status/"):
             status = int(path.removeprefix("/status/"))
             headers = [(b"location", b"/hello")] if 300 <= status < 400 else []
@@ -165,8 +202,20 @@ def closed_port() -> int:
 @dataclass
 class HttpResponse:
     status: int
-    headers: dict[str, str]  # lower-case names
+    headers: dict[str, str]  # lower-case names; the last of repeated ones
     body: bytes
+    #: Every header as received (names lower-cased by h11), repeated ones repeated.
+    header_list: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class HttpDigest:
+    """A response whose body was hashed as it arrived, not kept."""
+
+    status: int
+    headers: dict[str, str]  # lower-case names
+    size: int
+    sha256: str
 
 
 class HttpExchange:
@@ -253,8 +302,23 @@ async def http_request(
             data = bytearray()
             while piece := await exchange.receive_body_piece():
                 data += piece
-        fields = {name.decode().lower(): value.decode() for name, value in response.headers}
-        return HttpResponse(response.status_code, fields, bytes(data))
+        pairs = [(name.decode().lower(), value.decode()) for name, value in response.headers]
+        return HttpResponse(response.status_code, dict(pairs), bytes(data), pairs)
+
+
+async def http_download(port: int, target: str, *, timeout: float = HTTP_TIMEOUT) -> HttpDigest:
+    """GET ``target``; hash the body as it arrives (a large download is never held)."""
+    with trio.fail_after(timeout):
+        async with http_exchange(port) as exchange:
+            await exchange.send_request("GET", target)
+            response = await exchange.receive_response()
+            digest = hashlib.sha256()
+            size = 0
+            while piece := await exchange.receive_body_piece():
+                digest.update(piece)
+                size += len(piece)
+    fields = {name.decode().lower(): value.decode() for name, value in response.headers}
+    return HttpDigest(response.status_code, fields, size, digest.hexdigest())
 
 
 async def websocket_handshake(port: int, target: str) -> HttpResponse:
