@@ -328,6 +328,61 @@ register_transport(
 )
 
 
+@asynccontextmanager
+async def trio_websocket_client(
+    conn: trio.SocketStream, options: TransportOptions
+) -> AsyncIterator[trio.abc.Stream]:
+    """The same over trio-websocket (64 KiB reads, 32 MiB messages), for comparison."""
+    import trio_websocket
+
+    from visiona_tunnel.wsconn import DEFAULT_MAX_MESSAGE_SIZE, TrioWebSocketStream
+
+    async with trio.open_nursery() as nursery:
+        connection = await trio_websocket.wrap_client_stream(
+            nursery,
+            conn,
+            "127.0.0.1",
+            "/tunnel/connect",
+            receive_buffer_size=65536,
+            max_message_size=DEFAULT_MAX_MESSAGE_SIZE,
+        )
+        try:
+            yield TrioWebSocketStream(connection)
+        finally:
+            await connection.aclose()
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def trio_websocket_server(
+    conn: trio.SocketStream, options: TransportOptions
+) -> AsyncIterator[trio.abc.Stream]:
+    import trio_websocket
+
+    from visiona_tunnel.wsconn import DEFAULT_MAX_MESSAGE_SIZE, TrioWebSocketStream
+
+    async with trio.open_nursery() as nursery:
+        request = await trio_websocket.wrap_server_stream(
+            nursery, conn, receive_buffer_size=65536, max_message_size=DEFAULT_MAX_MESSAGE_SIZE
+        )
+        connection = await request.accept()
+        try:
+            yield TrioWebSocketStream(connection)
+        finally:
+            await connection.aclose()
+            nursery.cancel_scope.cancel()
+
+
+register_transport(
+    yamux_transport(
+        "yamux-tws",
+        "visiona_tunnel.yamux over trio-websocket (TrioWebSocketStream)",
+        wrap_client=trio_websocket_client,
+        wrap_server=trio_websocket_server,
+    )
+)
+
+
 class _WebSocketOpener(_TcpOpener):
     async def open_stream(self) -> trio.abc.HalfCloseableStream:  # type: ignore[override]
         from visiona_tunnel.wsconn import client_handshake
