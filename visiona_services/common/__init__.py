@@ -1,0 +1,1 @@
+"""Pieces both services share: configuration from the environment, JSON logs, errors."""

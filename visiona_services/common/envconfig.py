@@ -1,0 +1,80 @@
+"""12-factor configuration: environment variables structured into an attrs class by cattrs.
+
+Each field names its variable in its metadata (``env("VISIONA_TUNNEL_PORT")``); a value that
+does not parse fails at start with a :class:`ConfigError` naming the variable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+
+T = TypeVar("T")
+_ENV_KEY = "env"
+
+
+class ConfigError(Exception):
+    """A configuration variable is missing or has a bad value."""
+
+
+def env(name: str) -> dict[str, str]:
+    """Field metadata naming the environment variable a field is read from."""
+    return {_ENV_KEY: name}
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True)
+
+    def to_bool(value: Any, _: type) -> bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true/false, got {value!r}")
+
+    converter.register_structure_hook(bool, to_bool)
+    return converter
+
+
+_converter = _make_converter()
+
+
+def variables(cls: type[Any]) -> dict[str, str]:
+    """Field name -> environment variable, for an attrs class built with :func:`env`."""
+    return {
+        field.name: field.metadata[_ENV_KEY]
+        for field in attrs.fields(cls)
+        if _ENV_KEY in field.metadata
+    }
+
+
+def load(cls: type[T], environ: Mapping[str, str], **overrides: Any) -> T:
+    """Build ``cls`` from the variables set in ``environ`` (unset ones keep their defaults).
+
+    Raises:
+        ConfigError: naming the variable whose value is missing or does not parse.
+    """
+    names = variables(cls)
+    raw: dict[str, Any] = {
+        field: environ[variable] for field, variable in names.items() if variable in environ
+    }
+    raw.update(overrides)
+    try:
+        return _converter.structure(raw, cls)
+    except cattrs.ClassValidationError as group:
+        raise ConfigError(_describe(group, names)) from group
+    except (ValueError, TypeError) as exc:  # attrs validators run in __init__
+        raise ConfigError(str(exc)) from exc
+
+
+def _describe(group: cattrs.ClassValidationError, names: dict[str, str]) -> str:
+    with_notes, without_notes = group.group_exceptions()
+    problems = [f"{names.get(note.name, note.name)}: {exc}" for exc, note in with_notes]
+    problems += [str(exc) for exc in without_notes]
+    return "bad configuration: " + "; ".join(problems)

@@ -1,0 +1,94 @@
+"""What the remote-proxy's two listeners share: config, live tunnels, metrics."""
+
+from __future__ import annotations
+
+import attrs
+import trio
+
+from visiona_tunnel.relay import TunnelDown, TunnelEvent, TunnelRegistry, TunnelUp
+
+from ..common.metrics import Counter, Histogram, Registry
+from .config import ProxyConfig
+
+
+@attrs.define(eq=False)
+class ProxyMetrics:
+    """The series ``GET /metrics`` shows (names are part of the service's interface)."""
+
+    registry: Registry
+    connects: Counter
+    replacements: Counter
+    disconnects: Counter
+    auth_failures: Counter
+    forwards: Counter  # labels: status
+    forward_seconds: Histogram
+    forward_bytes_in: Counter  # request bodies sent to agents
+    forward_bytes_out: Counter  # response bodies from agents
+
+    @classmethod
+    def create(cls, tunnels: TunnelRegistry) -> ProxyMetrics:
+        registry = Registry()
+        registry.gauge("visiona_tunnel_sessions", "Live agent tunnels.", lambda: len(tunnels))
+        registry.gauge(
+            "visiona_tunnel_open_streams",
+            "Open yamux streams over all tunnels.",
+            lambda: sum(t.session.num_streams for t in tunnels),
+        )
+        registry.gauge(
+            "visiona_tunnel_bytes_in",
+            "Bytes received from agents by the live tunnels.",
+            lambda: sum(t.stats().bytes_in for t in tunnels),
+        )
+        registry.gauge(
+            "visiona_tunnel_bytes_out",
+            "Bytes sent to agents by the live tunnels.",
+            lambda: sum(t.stats().bytes_out for t in tunnels),
+        )
+        return cls(
+            registry=registry,
+            connects=registry.counter("visiona_tunnel_connects_total", "Tunnels accepted."),
+            replacements=registry.counter(
+                "visiona_tunnel_replacements_total", "Tunnels replaced by a newer one."
+            ),
+            disconnects=registry.counter("visiona_tunnel_disconnects_total", "Tunnels ended."),
+            auth_failures=registry.counter(
+                "visiona_tunnel_auth_failures_total", "Tunnel upgrades refused for the token."
+            ),
+            forwards=registry.counter(
+                "visiona_forward_requests_total", "Forwarded requests by status.", ["status"]
+            ),
+            forward_seconds=registry.histogram(
+                "visiona_forward_duration_seconds", "Time to the agent's response head."
+            ),
+            forward_bytes_in=registry.counter(
+                "visiona_forward_request_bytes_total", "Request body bytes forwarded to agents."
+            ),
+            forward_bytes_out=registry.counter(
+                "visiona_forward_response_bytes_total", "Response body bytes from agents."
+            ),
+        )
+
+    def observe(self, event: TunnelEvent) -> None:
+        """A :class:`TunnelRegistry` observer."""
+        if isinstance(event, TunnelUp):
+            self.connects.inc()
+        elif isinstance(event, TunnelDown):
+            self.disconnects.inc()
+            if event.replaced:
+                self.replacements.inc()
+
+
+@attrs.define(eq=False)
+class ProxyState:
+    config: ProxyConfig
+    tunnels: TunnelRegistry
+    metrics: ProxyMetrics
+    #: Set when the service is shutting down: no new tunnels, no new forwards.
+    draining: trio.Event = attrs.field(factory=trio.Event)
+
+    @classmethod
+    def create(cls, config: ProxyConfig) -> ProxyState:
+        tunnels = TunnelRegistry()
+        metrics = ProxyMetrics.create(tunnels)
+        tunnels.add_observer(metrics.observe)
+        return cls(config=config, tunnels=tunnels, metrics=metrics)
