@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m examples.yamux_echo_demo
+	$(PY) -m examples.remote_proxy_demo
 
 test: lint typecheck pytest
 

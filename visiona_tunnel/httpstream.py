@@ -97,6 +97,8 @@ class _Exchange:
         self.upload_finished = trio.Event()
         self.upload_started = False
         self.uploaded = False
+        #: Why the request body failed (its iterable raised, or did not match its length).
+        self.upload_error: Exception | None = None
         self.complete = False
         self.closed = False
 
@@ -107,9 +109,11 @@ class _Exchange:
 
     async def upload(self, body: bytes | AsyncIterable[bytes]) -> None:
         """Runs in the caller's nursery. A failing ``body`` resets the stream (the agent
-        must not see a complete request) and raises there; a broken stream ends the
-        upload quietly (reading the response tells what happened). An async generator
-        ``body`` is closed when the upload ends."""
+        must not see a complete request) and is reported by the response side, as the
+        cause of its :class:`ForwardError`: raising here would tear down whatever else
+        the nursery runs (for a relay, the whole tunnel). A broken stream ends the upload
+        quietly (reading the response tells what happened). An async generator ``body``
+        is closed when the upload ends."""
         try:
             with self.upload_scope:
                 try:
@@ -130,9 +134,9 @@ class _Exchange:
                     self.uploaded = True
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
-                except Exception:
+                except Exception as exc:
+                    self.upload_error = exc
                     await abort_stream(self.stream)
-                    raise
         finally:
             self.upload_finished.set()
 
@@ -147,6 +151,9 @@ class _Exchange:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if self.closed:
                     raise trio.ClosedResourceError("the response was closed") from exc
+                if self.upload_error is not None:
+                    message = f"the request body failed: {self.upload_error!r}"
+                    raise ForwardError(message) from self.upload_error
                 raise ForwardError(f"the tunnel stream broke: {exc!r}") from exc
             except h11.RemoteProtocolError as exc:
                 raise ForwardError(f"bad response from the agent: {exc}") from exc

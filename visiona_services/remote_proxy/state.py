@@ -7,6 +7,7 @@ import trio
 
 from visiona_tunnel.relay import TunnelDown, TunnelEvent, TunnelRegistry, TunnelUp
 
+from ..common.inflight import InFlight
 from ..common.metrics import Counter, Histogram, Registry
 from .config import ProxyConfig
 
@@ -85,6 +86,9 @@ class ProxyState:
     metrics: ProxyMetrics
     #: Set when the service is shutting down: no new tunnels, no new forwards.
     draining: trio.Event = attrs.field(factory=trio.Event)
+    #: HTTP forwards running now (``with state.inflight:``); a shutdown waits for
+    #: ``state.inflight.wait_idle()``. WebSocket relays are not counted: draining closes them.
+    inflight: InFlight = attrs.field(factory=InFlight)
 
     @classmethod
     def create(cls, config: ProxyConfig) -> ProxyState:

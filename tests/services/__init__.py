@@ -1,0 +1,1 @@
+"""Tests of visiona_services (the remote-proxy and the api-server)."""

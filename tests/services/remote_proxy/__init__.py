@@ -1,0 +1,1 @@
+"""remote-proxy: the tunnel listener, its WebSocket adapter and the token verifiers."""

@@ -1,0 +1,336 @@
+"""The tunnel listener served by hypercorn, with our agent (``TunnelClient``) dialling it:
+token checks before the upgrade, one tunnel per device, replacement, draining, health,
+metrics, and traffic through the tunnel to the agent's local server.
+
+The listener is ``support.tunnelapp`` (``create_tunnel_app`` + ``tunnel_hypercorn_config``
+on 127.0.0.1); the agent's local server is ``support.tunnelhttp.LocalApp``. Waits are on
+hooks and registry events, each bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+import trio
+from support.data import pattern, pattern_body, pattern_sha256
+from support.pyagent import PyAgent, start_py_agent
+from support.pyrelay import fetch, fetch_digest
+from support.tunnelapp import TunnelListener, start_tunnel_listener
+from support.tunnelhttp import LocalServer, http_request, start_local_server
+
+from visiona_services.remote_proxy.config import ProxyConfig
+from visiona_services.remote_proxy.tunnel_app import (
+    TUNNEL_MAX_MESSAGE_SIZE,
+    tunnel_hypercorn_config,
+)
+from visiona_services.remote_proxy.verify import ApiServerVerifier
+from visiona_tunnel.client import ClientConfig, Replaced, TokenRefused
+from visiona_tunnel.relay import Tunnel
+from visiona_tunnel.wsconn import (
+    CLOSE_REPLACED,
+    WebSocketClosed,
+    WebSocketRejected,
+    connect_websocket_stream,
+)
+
+from .fakeapi import start_fake_api_server
+
+MiB = 1024 * 1024
+TOKEN = "token-1"
+DEVICE = "device-1"
+#: Upper bound for one test body.
+TEST_TIMEOUT = 30.0
+#: An agent that does not come back within a test once it was replaced.
+NO_RETRY = ClientConfig(backoff_base=600.0, backoff_cap=600.0, connect_timeout=5.0)
+
+
+@pytest.fixture
+async def local(nursery: trio.Nursery) -> LocalServer:
+    return await start_local_server(nursery, "local-1")
+
+
+@pytest.fixture
+async def listener(nursery: trio.Nursery) -> TunnelListener:
+    return await start_tunnel_listener(nursery, {TOKEN: DEVICE})
+
+
+@pytest.fixture
+async def agent(nursery: trio.Nursery, listener: TunnelListener, local: LocalServer) -> PyAgent:
+    """Our agent for DEVICE, online."""
+    agent = await start_py_agent(nursery, listener.url, TOKEN, local.port)
+    await agent.hooks.wait_for("session_up")
+    return agent
+
+
+@pytest.fixture
+async def tunnel(listener: TunnelListener, agent: PyAgent) -> Tunnel:
+    """The listener's tunnel to our agent."""
+    with trio.fail_after(10):
+        return await listener.state.tunnels.wait_for(DEVICE)
+
+
+async def refused(url: str, headers: list[tuple[str, str]] | None = None) -> WebSocketRejected:
+    """Dial ``url`` expecting the upgrade to be refused; the refusal."""
+    with trio.fail_after(TEST_TIMEOUT), pytest.raises(WebSocketRejected) as info:
+        ws = await connect_websocket_stream(url, headers=headers or [])
+        await ws.aclose()
+    return info.value
+
+
+def envelope(rejection: WebSocketRejected) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(rejection.body)
+    return document
+
+
+def header(rejection: WebSocketRejected, name: bytes) -> bytes | None:
+    values = [value for key, value in rejection.headers if key.lower() == name]
+    return values[-1] if values else None
+
+
+# -- agents come up ---------------------------------------------------------------------------
+
+
+async def test_agent_comes_up_keyed_by_device(listener: TunnelListener, tunnel: Tunnel) -> None:
+    assert tunnel.key == DEVICE
+    assert tunnel.remote_address is not None
+    assert tunnel.remote_address.startswith("127.0.0.1:")
+    assert len(listener.state.tunnels) == 1
+
+
+async def test_connect_is_counted(listener: TunnelListener, tunnel: Tunnel) -> None:
+    assert listener.state.metrics.connects.value() == 1
+
+
+async def test_bearer_header_is_accepted(listener: TunnelListener) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        ws = await connect_websocket_stream(
+            listener.url, headers=[("Authorization", f"Bearer {TOKEN}")]
+        )
+        async with ws:
+            tunnel = await listener.state.tunnels.wait_for(DEVICE)
+            assert tunnel.key == DEVICE
+
+
+async def test_agent_leaving_ends_its_tunnel(listener: TunnelListener, agent: PyAgent) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        await listener.state.tunnels.wait_for(DEVICE)
+        agent.client.stop()
+        down = await listener.events.next_down()
+    assert (down.key, down.replaced) == (DEVICE, False)
+    assert len(listener.state.tunnels) == 0
+    assert listener.state.metrics.disconnects.value() == 1
+
+
+# -- traffic ----------------------------------------------------------------------------------
+
+
+async def test_get_through_the_tunnel(tunnel: Tunnel) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        response = await fetch(tunnel, "GET", "/hello?x=1")
+    assert (response.status, response.body) == (200, b"hello from local-1")
+    assert response.header(b"x-query") == b"x=1"
+
+
+async def test_download_20_mib_is_byte_exact(tunnel: Tunnel) -> None:
+    size = 20 * MiB
+    with trio.fail_after(TEST_TIMEOUT):
+        response = await fetch_digest(tunnel, "GET", f"/bytes/{size}")
+    assert response.status == 200
+    assert (response.size, response.sha256) == (size, pattern_sha256(size))
+
+
+async def test_upload_20_mib_is_byte_exact(tunnel: Tunnel) -> None:
+    size = 20 * MiB
+    with trio.fail_after(TEST_TIMEOUT):
+        response = await fetch(tunnel, "POST", "/sha256", body=pattern_body(size))
+    assert (response.status, response.body) == (200, f"{size} {pattern_sha256(size)}".encode())
+
+
+async def test_post_echo_through_the_tunnel(tunnel: Tunnel) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        response = await fetch(tunnel, "POST", "/echo", body=pattern(0, MiB))
+    assert (response.status, response.body) == (200, pattern(0, MiB))
+
+
+# -- refusals before the upgrade -------------------------------------------------------------
+
+
+async def test_missing_token_is_401_with_the_error_envelope(listener: TunnelListener) -> None:
+    rejection = await refused(listener.url)
+    assert rejection.status_code == 401
+    document = envelope(rejection)
+    assert document == {
+        "success": False,
+        "error": {
+            "code": "UNAUTHORIZED",
+            "message": "a valid device token is required",
+            "request_id": document["error"]["request_id"],
+        },
+    }
+    assert document["error"]["request_id"]
+    assert header(rejection, b"content-type") == b"application/json"
+
+
+async def test_unknown_token_is_the_same_401(listener: TunnelListener) -> None:
+    missing = envelope(await refused(listener.url))
+    unknown = await refused(listener.url + "?token=nope")
+    assert unknown.status_code == 401
+    document = envelope(unknown)
+    assert document["error"]["code"] == "UNAUTHORIZED"
+    assert document["error"]["message"] == missing["error"]["message"]
+
+
+async def test_unknown_bearer_token_is_401(listener: TunnelListener) -> None:
+    rejection = await refused(listener.url, [("Authorization", "Bearer nope")])
+    assert rejection.status_code == 401
+
+
+async def test_refusals_are_counted_as_auth_failures(listener: TunnelListener) -> None:
+    await refused(listener.url)
+    await refused(listener.url + "?token=nope")
+    assert listener.state.metrics.auth_failures.value() == 2
+    assert listener.state.metrics.connects.value() == 0
+
+
+async def test_caller_request_id_is_echoed(listener: TunnelListener) -> None:
+    rejection = await refused(listener.url, [("X-Request-ID", "req-42")])
+    assert envelope(rejection)["error"]["request_id"] == "req-42"
+    assert header(rejection, b"x-request-id") == b"req-42"
+
+
+async def test_tokens_are_not_logged(
+    listener: TunnelListener, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    await refused(listener.url + "?token=s3cret-token-value")
+    assert "s3cret-token-value" not in caplog.text
+
+
+async def test_token_refused_agent_reports_it(
+    nursery: trio.Nursery, listener: TunnelListener
+) -> None:
+    agent = await start_py_agent(nursery, listener.url, "nope", 9, config=NO_RETRY)
+    _, _, error = await agent.hooks.wait_for("dial_failed")
+    assert isinstance(error, TokenRefused)
+    assert error.status_code == 401
+    agent.client.stop()
+
+
+# -- one tunnel per device ------------------------------------------------------------------
+
+
+async def test_reconnect_replaces_the_old_tunnel_with_4001(
+    nursery: trio.Nursery, listener: TunnelListener, local: LocalServer
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        older = await start_py_agent(nursery, listener.url, TOKEN, local.port, config=NO_RETRY)
+        await older.hooks.wait_for("session_up")
+        first = await listener.state.tunnels.wait_for(DEVICE)
+
+        local2 = await start_local_server(nursery, "local-2")
+        newer = await start_py_agent(nursery, listener.url, TOKEN, local2.port)
+        await newer.hooks.wait_for("session_up")
+        _, error = await older.hooks.wait_for("session_down")
+        assert isinstance(error, Replaced)
+        down = await listener.events.next_down()
+        assert (down.tunnel, down.replaced) == (first, True)
+
+        tunnel = await listener.state.tunnels.wait_for(DEVICE)
+        assert tunnel is not first
+        response = await fetch(tunnel, "GET", "/hello")
+    assert response.body == b"hello from local-2"
+    metrics = listener.state.metrics
+    assert (metrics.connects.value(), metrics.replacements.value()) == (2, 1)
+    older.client.stop()
+
+
+# -- draining, health -----------------------------------------------------------------------
+
+
+async def test_draining_refuses_new_tunnels_with_503(listener: TunnelListener) -> None:
+    listener.state.draining.set()
+    rejection = await refused(f"{listener.url}?token={TOKEN}")
+    assert rejection.status_code == 503
+    assert envelope(rejection)["error"]["code"] == "DRAINING"
+    assert listener.state.metrics.auth_failures.value() == 0
+
+
+async def test_healthz_counts_sessions(listener: TunnelListener, tunnel: Tunnel) -> None:
+    response = await http_request(listener.port, "GET", "/healthz")
+    assert response.status == 200
+    assert json.loads(response.body) == {"success": True, "data": {"status": "ok", "sessions": 1}}
+
+
+async def test_healthz_while_draining_is_503(listener: TunnelListener) -> None:
+    listener.state.draining.set()
+    response = await http_request(listener.port, "GET", "/healthz")
+    assert response.status == 503
+    assert json.loads(response.body)["error"]["code"] == "DRAINING"
+
+
+async def test_plain_get_of_the_tunnel_path_is_426(listener: TunnelListener) -> None:
+    response = await http_request(listener.port, "GET", "/tunnel/connect?token=x")
+    assert response.status == 426
+    assert json.loads(response.body)["error"]["code"] == "UPGRADE_REQUIRED"
+
+
+def test_hypercorn_config() -> None:
+    config = tunnel_hypercorn_config(ProxyConfig(tunnel_host="::", tunnel_port=3800))
+    assert config.bind == ["[::]:3800"]
+    # A Go agent with a 16 MiB window sends 16 MiB + 12 bytes in one message.
+    assert config.websocket_max_message_size == TUNNEL_MAX_MESSAGE_SIZE >= 32 * MiB + 12
+    assert (config.accesslog, config.include_server_header) == (None, False)
+
+
+# -- the api-server as verifier ---------------------------------------------------------------
+
+
+async def test_api_server_verified_agent_comes_up(
+    nursery: trio.Nursery, local: LocalServer
+) -> None:
+    api = await start_fake_api_server(nursery)
+    listener = await start_tunnel_listener(nursery, verifier=ApiServerVerifier(api.url, "s"))
+    with trio.fail_after(TEST_TIMEOUT):
+        agent = await start_py_agent(nursery, listener.url, "good-9", local.port)
+        await agent.hooks.wait_for("session_up")
+        tunnel = await listener.state.tunnels.wait_for("dev-9")
+        assert (await fetch(tunnel, "GET", "/hello")).status == 200
+    agent.client.stop()
+
+
+async def test_api_server_refusal_is_401(nursery: trio.Nursery) -> None:
+    api = await start_fake_api_server(nursery)
+    listener = await start_tunnel_listener(nursery, verifier=ApiServerVerifier(api.url, "s"))
+    rejection = await refused(f"{listener.url}?token=status-404")
+    assert rejection.status_code == 401
+    assert listener.state.metrics.auth_failures.value() == 1
+
+
+async def test_api_server_failure_is_503_not_401(nursery: trio.Nursery) -> None:
+    api = await start_fake_api_server(nursery)
+    listener = await start_tunnel_listener(nursery, verifier=ApiServerVerifier(api.url, "s"))
+    rejection = await refused(f"{listener.url}?token=status-500")
+    assert rejection.status_code == 503
+    assert envelope(rejection)["error"]["code"] == "AUTH_UNAVAILABLE"
+    assert listener.state.metrics.auth_failures.value() == 0
+
+
+async def test_agent_still_writing_gets_our_close_code(listener: TunnelListener) -> None:
+    # hypercorn closes the connection when the app returns; unless the app waits for the
+    # agent's close reply, an agent still writing gets a reset instead of close 4001.
+    with trio.fail_after(TEST_TIMEOUT):
+        ws = await connect_websocket_stream(f"{listener.url}?token={TOKEN}")
+        async with ws:
+            tunnel = await listener.state.tunnels.wait_for(DEVICE)
+            await tunnel.close(CLOSE_REPLACED, "replaced")
+            for _ in range(30):
+                await ws.send_all(b"x" * 1024)
+            with pytest.raises(WebSocketClosed) as info:
+                while await ws.receive_some():
+                    pass
+            assert info.value.code == CLOSE_REPLACED
+            # Our close reply went out with that read; the server ends the connection.
+            assert await ws.transport.receive_some(1024) == b""

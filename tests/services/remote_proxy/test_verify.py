@@ -1,0 +1,127 @@
+"""Token verifiers: the static table, the api-server client against a fake api-server
+(the contract in docs/remote-proxy.md), and which one the configuration picks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+from support.tunnelhttp import closed_port
+
+from visiona_services.remote_proxy.config import ProxyConfig
+from visiona_services.remote_proxy.verify import (
+    ApiServerVerifier,
+    StaticTokenVerifier,
+    VerifierUnavailable,
+    verifier_from_config,
+)
+
+from .fakeapi import FakeApiServer, start_fake_api_server
+
+SECRET = "internal-secret"
+#: Upper bound for one test body.
+TEST_TIMEOUT = 10.0
+
+
+@pytest.fixture
+async def api(nursery: trio.Nursery) -> FakeApiServer:
+    return await start_fake_api_server(nursery)
+
+
+def verifier_for(api: FakeApiServer, *, timeout: float = 5.0) -> ApiServerVerifier:
+    return ApiServerVerifier(api.url, SECRET, timeout=timeout)
+
+
+# -- StaticTokenVerifier ------------------------------------------------------------------
+
+
+async def test_static_known_token_gives_its_device() -> None:
+    assert await StaticTokenVerifier({"tok": "dev-1"})("tok") == "dev-1"
+
+
+async def test_static_unknown_token_gives_none() -> None:
+    assert await StaticTokenVerifier({"tok": "dev-1"})("other") is None
+
+
+def test_static_repr_hides_tokens() -> None:
+    assert "s3cret" not in repr(StaticTokenVerifier({"s3cret": "dev-1"}))
+
+
+# -- ApiServerVerifier --------------------------------------------------------------------
+
+
+async def test_api_valid_token_gives_device_id(api: FakeApiServer) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        assert await verifier_for(api)("good-7") == "dev-7"
+
+
+async def test_api_request_follows_the_contract(api: FakeApiServer) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        await verifier_for(api)("good-7")
+    [seen] = api.requests
+    assert (seen.method, seen.path) == ("POST", "/internal/devices/verify")
+    assert seen.headers[b"authorization"] == f"Bearer {SECRET}".encode()
+    assert seen.headers[b"content-type"] == b"application/json"
+    assert json.loads(seen.body) == {"token": "good-7"}
+
+
+async def test_api_base_url_path_is_a_prefix(api: FakeApiServer) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        await ApiServerVerifier(api.url + "/api/", SECRET)("good-1")
+    assert api.requests[0].path == "/api/internal/devices/verify"
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+async def test_api_refusal_gives_none(api: FakeApiServer, status: int) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        assert await verifier_for(api)(f"status-{status}") is None
+
+
+@pytest.mark.parametrize("status", [400, 500, 502, 503])
+async def test_api_other_status_is_unavailable(api: FakeApiServer, status: int) -> None:
+    with trio.fail_after(TEST_TIMEOUT), pytest.raises(VerifierUnavailable):
+        await verifier_for(api)(f"status-{status}")
+
+
+async def test_api_malformed_answer_is_unavailable(api: FakeApiServer) -> None:
+    with trio.fail_after(TEST_TIMEOUT), pytest.raises(VerifierUnavailable):
+        await verifier_for(api)("garbled")
+
+
+async def test_api_no_answer_in_time_is_unavailable(api: FakeApiServer) -> None:
+    with trio.fail_after(TEST_TIMEOUT), pytest.raises(VerifierUnavailable):
+        await verifier_for(api, timeout=0.2)("slow")
+
+
+async def test_api_unreachable_is_unavailable() -> None:
+    verifier = ApiServerVerifier(f"http://127.0.0.1:{closed_port()}", SECRET)
+    with trio.fail_after(TEST_TIMEOUT), pytest.raises(VerifierUnavailable):
+        await verifier("good-1")
+
+
+@pytest.mark.parametrize("url", ["https://api.internal", "api.internal:80", "http://h/?q=1"])
+def test_api_url_must_be_plain_http(url: str) -> None:
+    with pytest.raises(ValueError):
+        ApiServerVerifier(url, SECRET)
+
+
+def test_api_repr_hides_the_secret() -> None:
+    assert SECRET not in repr(ApiServerVerifier("http://api.internal:8080", SECRET))
+
+
+# -- verifier_from_config -----------------------------------------------------------------
+
+
+def test_config_with_api_url_asks_the_api_server() -> None:
+    config = ProxyConfig(api_internal_url="http://api:3721", internal_secret=SECRET)
+    verifier = verifier_from_config(config)
+    assert isinstance(verifier, ApiServerVerifier)
+    assert (verifier.host, verifier.port) == ("api", 3721)
+
+
+async def test_config_without_api_url_uses_static_tokens() -> None:
+    config = ProxyConfig(static_tokens="tok=dev-1", internal_secret=SECRET)
+    verifier = verifier_from_config(config)
+    assert isinstance(verifier, StaticTokenVerifier)
+    assert await verifier("tok") == "dev-1"

@@ -1,0 +1,273 @@
+"""The remote-proxy's internal API in one process, for tests: the app on hypercorn
+(127.0.0.1:0), a relay listener feeding its ``ProxyState``, our agent, and a local server;
+plus h11 callers that send the internal secret.
+
+``ProxyLocalApp`` is ``LocalApp`` with three more routes: ``ANY /target/...`` answers the
+request target as the local server received it (``{"raw_path", "query"}``), ``GET /hop``
+answers with hop-by-hop headers, ``POST /slow?ms=N`` reads the body, then sleeps;
+``slow_started`` is set when a ``GET /slow`` begins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from itertools import chain
+from typing import TYPE_CHECKING, Any, cast
+
+import attrs
+import h11
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from quart_trio import QuartTrio
+from trio_websocket import WebSocketConnection, wrap_client_stream
+
+from visiona_services.remote_proxy.config import ProxyConfig
+from visiona_services.remote_proxy.internal_app import (
+    create_internal_app,
+    internal_hypercorn_config,
+)
+from visiona_services.remote_proxy.state import ProxyState
+from visiona_tunnel.relay import serve_tunnel_listener
+
+from .data import pattern_pieces
+from .pyagent import PyAgent, start_py_agent
+from .tunnelhttp import (
+    HTTP_TIMEOUT,
+    HttpDigest,
+    HttpResponse,
+    LocalApp,
+    Message,
+    MiB,
+    Receive,
+    Send,
+    http_exchange,
+    http_request,
+    respond,
+)
+
+if TYPE_CHECKING:
+    from hypercorn.typing import ASGIFramework
+
+SECRET = "internal-secret-for-tests"
+TOKEN = "token-1"
+DEVICE = "device-1"
+AUTH = ("Authorization", f"Bearer {SECRET}")
+
+# -- the local server -----------------------------------------------------------------------
+
+
+class ProxyLocalApp(LocalApp):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.slow_started = trio.Event()
+
+    async def _http(self, scope: Message, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        if path.startswith("/target/"):
+            seen = {"raw_path": scope["raw_path"].decode(), "query": scope["query_string"].decode()}
+            await respond(send, 200, json.dumps(seen).encode())
+        elif path == "/hop":
+            headers = [
+                (b"Connection", b"X-Hop-Named"),
+                (b"X-Hop-Named", b"1"),
+                (b"Keep-Alive", b"timeout=5"),
+                (b"Proxy-Authenticate", b"Basic"),
+                (b"X-Kept", b"yes"),
+            ]
+            await respond(send, 200, b"hop", headers)
+        elif path == "/slow" and scope["method"] == "POST":  # reads the body, then sleeps
+            while (await receive()).get("more_body", False):
+                pass
+            await trio.sleep(int(scope["query_string"].removeprefix(b"ms=")) / 1000)
+            await respond(send, 200, b"slept")
+        else:
+            if path == "/slow":
+                self.slow_started.set()
+            await super()._http(scope, receive, send)
+
+
+@dataclass
+class ProxyLocalServer:
+    app: ProxyLocalApp
+    port: int
+
+
+async def start_proxy_local_server(nursery: trio.Nursery) -> ProxyLocalServer:
+    app = ProxyLocalApp("local-1")
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    binds: list[str] = await nursery.start(partial(serve, cast("ASGIFramework", app), config))
+    return ProxyLocalServer(app, int(binds[0].rsplit(":", 1)[1]))
+
+
+# -- the proxy ------------------------------------------------------------------------------
+
+
+@dataclass
+class Proxy:
+    state: ProxyState
+    app: QuartTrio
+    #: The internal API's port.
+    port: int
+    #: What an agent dials.
+    relay_url: str
+
+
+async def start_proxy(nursery: trio.Nursery, **config: Any) -> Proxy:
+    """The internal app and a relay listener sharing one ``ProxyState`` (device token
+    ``TOKEN`` -> ``DEVICE``); ``config`` overrides ``ProxyConfig`` fields."""
+    proxy_config = ProxyConfig(internal_secret=SECRET, internal_port=0, **config)
+    state = ProxyState.create(proxy_config)
+
+    async def verify(token: str) -> str | None:
+        await trio.lowlevel.checkpoint()
+        return DEVICE if token == TOKEN else None
+
+    listen = partial(serve_tunnel_listener, state.tunnels, verify, host="127.0.0.1", port=0)
+    listeners: list[trio.SocketListener] = await nursery.start(listen)
+    relay_port = listeners[0].socket.getsockname()[1]
+    app = create_internal_app(state)
+    hyper = internal_hypercorn_config(proxy_config)
+    binds: list[str] = await nursery.start(partial(serve, app, hyper))
+    return Proxy(
+        state,
+        app,
+        int(binds[0].rsplit(":", 1)[1]),
+        f"ws://127.0.0.1:{relay_port}/tunnel/connect",
+    )
+
+
+async def connect_agent(nursery: trio.Nursery, proxy: Proxy, local_port: int) -> PyAgent:
+    """Our agent for ``DEVICE``, with its tunnel registered."""
+    agent = await start_py_agent(nursery, proxy.relay_url, TOKEN, local_port)
+    with trio.fail_after(10):
+        await proxy.state.tunnels.wait_for(DEVICE)
+    return agent
+
+
+def with_config(proxy: Proxy, **changes: Any) -> None:
+    """Change the running proxy's configuration (it is read per request)."""
+    proxy.state.config = attrs.evolve(proxy.state.config, **changes)
+
+
+# -- callers --------------------------------------------------------------------------------
+
+Headers = Sequence[tuple[str, str]]
+
+
+async def call(
+    port: int,
+    method: str,
+    target: str,
+    body: bytes | None = None,
+    *,
+    headers: Headers = (),
+    auth: bool = True,
+    chunked: bool = False,
+) -> HttpResponse:
+    """One request on a fresh connection, with the internal secret unless ``auth=False``."""
+    sent = [("connection", "close"), *headers, *([AUTH] if auth else [])]
+    return await http_request(port, method, target, body, headers=sent, chunked=chunked)
+
+
+def json_of(response: HttpResponse) -> Any:
+    return json.loads(response.body)
+
+
+async def download_digest(port: int, target: str) -> HttpDigest:
+    """GET with the secret; the body is hashed as it arrives, never held."""
+    with trio.fail_after(HTTP_TIMEOUT):
+        async with http_exchange(port) as exchange:
+            await exchange.send_request("GET", target, headers=[("connection", "close"), AUTH])
+            response = await exchange.receive_response()
+            digest = hashlib.sha256()
+            size = 0
+            while piece := await exchange.receive_body_piece():
+                digest.update(piece)
+                size += len(piece)
+    fields = {name.decode().lower(): value.decode() for name, value in response.headers}
+    return HttpDigest(response.status_code, fields, size, digest.hexdigest())
+
+
+def _data(piece: bytes) -> h11.Data:
+    return h11.Data(data=piece)
+
+
+async def upload_pattern(
+    port: int, target: str, size: int, *, pause: tuple[int, float] | None = None
+) -> HttpResponse:
+    """POST ``pattern(0, size)`` with Content-Length, generated piece by piece while the
+    response is read; the response is returned whole. ``pause=(n, seconds)``: a caller
+    that stops for ``seconds`` after ``n`` pieces."""
+    with trio.fail_after(HTTP_TIMEOUT):
+        async with http_exchange(port) as exchange, trio.open_nursery() as nursery:
+
+            async def send_body() -> None:
+                headers = [
+                    ("host", f"127.0.0.1:{port}"),
+                    ("connection", "close"),
+                    ("content-length", str(size)),
+                    AUTH,
+                ]
+                request = h11.Request(method="POST", target=target, headers=headers)
+                events = chain([request], map(_data, pattern_pieces(size)), [h11.EndOfMessage()])
+                for index, event in enumerate(events):  # one piece at a time
+                    data = exchange.conn.send(event)
+                    assert data is not None
+                    await exchange.stream.send_all(data)
+                    if pause is not None and index == pause[0]:
+                        await trio.sleep(pause[1])
+
+            nursery.start_soon(send_body)
+            response = await exchange.receive_response()
+            body = bytearray()
+            while piece := await exchange.receive_body_piece():
+                body += piece
+    pairs = [(name.decode().lower(), value.decode()) for name, value in response.headers]
+    return HttpResponse(response.status_code, dict(pairs), bytes(body), pairs)
+
+
+async def refused_websocket(port: int, target: str, *, auth: bool = True) -> HttpResponse:
+    """A WebSocket handshake that is expected to be answered with an HTTP status."""
+    upgrade = [
+        ("connection", "Upgrade"),
+        ("upgrade", "websocket"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        *([AUTH] if auth else []),
+    ]
+    response = await http_request(port, "GET", target, headers=upgrade)
+    assert response.status != 101, "the handshake was accepted"
+    return response
+
+
+@asynccontextmanager
+async def caller_websocket(
+    port: int, resource: str, headers: Headers = ()
+) -> AsyncIterator[WebSocketConnection]:
+    """trio-websocket as the api-server, with the secret, on a TCP stream we close
+    ourselves (see ``tunnelhttp.browser_websocket``)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    extra = [(name.encode(), value.encode()) for name, value in [AUTH, *headers]]
+    async with stream, trio.open_nursery() as nursery:
+        ws = await wrap_client_stream(
+            nursery,
+            stream,
+            f"127.0.0.1:{port}",
+            resource,
+            extra_headers=extra,
+            max_message_size=16 * MiB,
+        )
+        try:
+            yield ws
+        finally:
+            with trio.move_on_after(5):
+                await ws.aclose()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,246 @@
+"""HTTP pieces every service shares: the JSON envelope, request ids, bearer secrets, and
+raw-ASGI answers.
+
+The envelope::
+
+    {"success": true, "data": ...}
+    {"success": false, "error": {"code": "SESSION_NOT_FOUND", "message": "...",
+                                 "request_id": "..."}}
+
+``code`` is an upper-case constant a client may branch on; ``message`` is for people.
+
+Request ids: a caller's ``X-Request-ID`` is kept if it is sane (1-128 characters of
+``[A-Za-z0-9._-]``), else one is generated. The middleware that picks it sets
+:data:`current_request_id`; trio copies context variables into the tasks a request
+starts, so logs (:mod:`visiona_services.common.logs`) and error envelopes find it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from contextvars import ContextVar
+from typing import Any
+
+import quart
+from werkzeug.datastructures import Headers as WerkzeugHeaders
+from werkzeug.exceptions import HTTPException
+
+__all__ = [
+    "JSON_CONTENT_TYPE",
+    "REQUEST_ID_HEADER",
+    "ApiError",
+    "AsgiApp",
+    "Message",
+    "Receive",
+    "Scope",
+    "Send",
+    "bearer_matches",
+    "current_request_id",
+    "error_envelope",
+    "header_values",
+    "install_json_error_handlers",
+    "json_bytes",
+    "json_response",
+    "new_request_id",
+    "ok_envelope",
+    "reject_websocket",
+    "sane_request_id",
+    "send_error",
+    "send_json",
+]
+
+logger = logging.getLogger("visiona_services.http")
+
+# -- raw ASGI types (plain mappings: hypercorn's TypedDicts are too narrow for middleware) --
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Headers = Iterable[tuple[bytes, bytes]]
+
+JSON_CONTENT_TYPE = "application/json"
+#: Lower-case, as ASGI header names are compared.
+REQUEST_ID_HEADER = b"x-request-id"
+
+# -- request ids ----------------------------------------------------------------------------
+
+#: The id of the request being handled in this context (None outside requests).
+current_request_id: ContextVar[str | None] = ContextVar("visiona_request_id", default=None)
+
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+
+
+def sane_request_id(value: bytes | str | None) -> str | None:
+    """``value`` if it is a usable request id (1-128 of ``[A-Za-z0-9._-]``), else None."""
+    if value is None:
+        return None
+    text = value.decode("latin-1") if isinstance(value, bytes) else value
+    return text if _SANE_REQUEST_ID.fullmatch(text) else None
+
+
+def new_request_id() -> str:
+    """A fresh request id (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+def header_values(headers: Headers, name: bytes) -> list[bytes]:
+    """Every value of header ``name`` (lower-case), in order; names compared in any case."""
+    return [value for key, value in headers if key.lower() == name]
+
+
+# -- bearer secrets -------------------------------------------------------------------------
+
+
+def bearer_matches(headers: Headers, secret: str) -> bool:
+    """True if the one ``Authorization`` header is ``Bearer <secret>``.
+
+    The comparison takes constant time (``hmac.compare_digest``). An empty ``secret``
+    never matches, and neither do several ``Authorization`` headers.
+    """
+    values = header_values(headers, b"authorization")
+    if not secret or len(values) != 1:
+        return False
+    scheme, _, token = values[0].strip().partition(b" ")
+    if scheme.lower() != b"bearer":
+        return False
+    return hmac.compare_digest(token.strip(), secret.encode())
+
+
+# -- the envelope ---------------------------------------------------------------------------
+
+
+def ok_envelope(data: object) -> dict[str, object]:
+    return {"success": True, "data": data}
+
+
+def error_envelope(code: str, message: str, request_id: str | None = None) -> dict[str, object]:
+    """The error envelope; ``request_id`` defaults to :data:`current_request_id`."""
+    if request_id is None:
+        request_id = current_request_id.get()
+    return {
+        "success": False,
+        "error": {"code": code, "message": message, "request_id": request_id},
+    }
+
+
+def json_bytes(payload: object) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+class ApiError(Exception):
+    """Raise in a Quart route to answer with the error envelope (see
+    :func:`install_json_error_handlers`)."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = list(headers)
+
+
+# -- answers over raw ASGI ------------------------------------------------------------------
+
+
+async def send_json(
+    send: Send, status: int, payload: object, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
+    """A whole JSON response on an ``http`` scope."""
+    body = json_bytes(payload)
+    start_headers = [
+        (b"content-type", JSON_CONTENT_TYPE.encode()),
+        (b"content-length", str(len(body)).encode()),
+        *headers,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": start_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    """The error envelope as a whole response on an ``http`` scope."""
+    await send_json(send, status, error_envelope(code, message), headers)
+
+
+async def reject_websocket(
+    scope: Scope,
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> bool:
+    """Answer a ``websocket`` scope, before ``websocket.accept``, with an HTTP response.
+
+    Needs the server's ``websocket.http.response`` extension (hypercorn has it); without
+    it the handshake is refused with ``websocket.close`` (the server's 403) and this
+    returns False. ``headers`` should carry the content type; the length is added.
+    """
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        await send({"type": "websocket.close", "code": 1011})
+        return False
+    start = [*headers, (b"content-length", str(len(body)).encode())]
+    await send({"type": "websocket.http.response.start", "status": status, "headers": start})
+    await send({"type": "websocket.http.response.body", "body": body})
+    return True
+
+
+# -- Quart ----------------------------------------------------------------------------------
+
+
+def json_response(
+    status: int, payload: object, headers: Sequence[tuple[str, str]] = ()
+) -> quart.Response:
+    return quart.Response(
+        json_bytes(payload),
+        status=status,
+        headers=WerkzeugHeaders(list(headers)),
+        content_type=JSON_CONTENT_TYPE,
+    )
+
+
+def _http_error_code(status: int) -> str:
+    codes = {
+        400: "BAD_REQUEST",
+        401: "UNAUTHORIZED",
+        403: "FORBIDDEN",
+        404: "NOT_FOUND",
+        405: "METHOD_NOT_ALLOWED",
+        413: "PAYLOAD_TOO_LARGE",
+    }
+    return codes.get(status, "INTERNAL_ERROR" if status >= 500 else "HTTP_ERROR")
+
+
+def install_json_error_handlers(app: quart.Quart) -> None:
+    """Make every error of ``app`` an envelope: :class:`ApiError`, werkzeug's
+    ``HTTPException`` (404, 405 ... with ``Allow`` kept), and any other exception (500,
+    logged with its traceback)."""
+
+    @app.errorhandler(ApiError)
+    async def api_error(error: ApiError) -> quart.Response:
+        return json_response(error.status, error_envelope(error.code, error.message), error.headers)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> quart.Response:
+        status = error.code or 500
+        headers = [(name, value) for name, value in error.get_headers() if name == "Allow"]
+        message = error.description or error.name
+        return json_response(status, error_envelope(_http_error_code(status), message), headers)
+
+    @app.errorhandler(Exception)
+    async def unexpected(error: Exception) -> quart.Response:
+        logger.error("unhandled error", exc_info=error)
+        return json_response(500, error_envelope("INTERNAL_ERROR", "internal error"))

@@ -1,0 +1,294 @@
+"""``ANY /internal/forward/{device_id}/{path}``: one HTTP request through a device's tunnel,
+as a raw ASGI handler (Quart would buffer the upload and cut long downloads).
+
+The caller's request goes to the agent as ``METHOD /{path}?{query} HTTP/1.1`` (the path
+as the caller escaped it), with the caller's headers except hop-by-hop ones, ``Host``,
+``Authorization`` (the internal secret), ``Expect`` (hypercorn already answered it) and
+``X-Request-ID`` (replaced by this request's id). The body is streamed from ASGI
+``receive()`` to the tunnel and the response from the tunnel to ASGI ``send()``, one
+chunk at a time each way, so memory stays bounded and a slow side slows the other.
+
+==================================================  =========================================
+what happened                                        the caller gets
+==================================================  =========================================
+the service is draining                              503 ``SHUTTING_DOWN``
+no tunnel for the device (or it is closing)          502 ``TUNNEL_DISCONNECTED``
+the tunnel kept us waiting ``forward_timeout`` for   504 ``TUNNEL_TIMEOUT``
+the response head (see below)
+the tunnel stream broke before the response head     502 ``TUNNEL_ERROR``
+the agent's response (its 502 for an unreachable     that response: status, headers minus
+local server included)                               hop-by-hop ones, body
+the tunnel broke mid-body                            the response ends abruptly (the
+                                                     connection is closed; the caller
+                                                     sees a short body)
+==================================================  =========================================
+
+``forward_timeout`` counts the time spent waiting on the tunnel before the response head:
+it restarts with each chunk of the request body and is paused while the caller's next
+chunk is awaited, so a large (or slowly sent) upload is not cut, while an agent that stops
+reading or answering is. There is no time limit after the head.
+
+A caller that goes away (``http.disconnect``) ends the exchange: the tunnel stream is
+reset, so the agent stops its local request.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import AsyncIterator, Callable, Iterable
+
+import trio
+
+from visiona_tunnel import yamux
+from visiona_tunnel.forward import header_tokens
+from visiona_tunnel.httpstream import HOP_BY_HOP_HEADERS, ForwardError, HttpResponse
+from visiona_tunnel.relay import Tunnel
+
+from ..common.http import (
+    REQUEST_ID_HEADER,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    current_request_id,
+    send_error,
+)
+from .state import ProxyState
+
+__all__ = ["forward_http_request", "forwarded_headers", "response_headers"]
+
+logger = logging.getLogger("visiona_services.remote_proxy.forward")
+
+#: Status counted in ``visiona_forward_requests_total`` when the caller left before the
+#: response head (nginx's "client closed request").
+CLIENT_CLOSED = 499
+
+#: Request headers that are ours, not the device's.
+_DROPPED_REQUEST_HEADERS = frozenset({b"host", b"authorization", b"expect", REQUEST_ID_HEADER})
+
+
+def _without_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    items = list(headers)
+    drop = HOP_BY_HOP_HEADERS | header_tokens(items, b"connection")
+    return [(name, value) for name, value in items if name.lower() not in drop]
+
+
+def forwarded_headers(
+    headers: Iterable[tuple[bytes, bytes]],
+    request_id: str | None,
+    *,
+    drop: frozenset[bytes] = frozenset(),
+) -> list[tuple[bytes, bytes]]:
+    """The caller's headers as the device gets them (see the module docstring); names in
+    ``drop`` (lower-case) go too. Order and case of the rest are kept."""
+    dropped = _DROPPED_REQUEST_HEADERS | drop
+    kept = [(name, value) for name, value in headers if name.lower() not in dropped]
+    out = _without_hop_by_hop(kept)
+    if request_id is not None:
+        out.append((b"X-Request-ID", request_id.encode()))
+    return out
+
+
+def response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The agent's response headers minus hop-by-hop ones; ``Content-Length`` is kept, and
+    without one hypercorn frames the body itself (chunked)."""
+    return _without_hop_by_hop(headers)
+
+
+def _has_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether the request has a body (RFC 9112 6.3: a length other than 0, or chunked)."""
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"transfer-encoding" or (lower == b"content-length" and value.strip() != b"0"):
+            return True
+    return False
+
+
+class _HeadTimer:
+    """The deadline for the response head: ``timeout`` of waiting on the tunnel."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.scope = trio.CancelScope()
+        self.restart()
+
+    def restart(self) -> None:
+        self.scope.deadline = trio.current_time() + self.timeout
+
+    def pause(self) -> None:
+        self.scope.deadline = math.inf
+
+
+class _Caller:
+    """The caller's side of the ASGI exchange: its request body, read for the upload (an
+    async iterator of chunks), then its disconnect.
+
+    ``receive()`` is only ever called by one task at a time: the upload until the body
+    has ended, then :meth:`watch`. On ``http.disconnect`` the body iterator never returns
+    (a short body must not reach the agent as a complete request): it calls
+    ``on_disconnect``, which cancels the exchange.
+    """
+
+    def __init__(
+        self,
+        receive: Receive,
+        has_body: bool,
+        timer: _HeadTimer,
+        on_disconnect: Callable[[], object],
+        on_bytes: Callable[[int], object],
+    ) -> None:
+        self._receive = receive
+        self._timer = timer
+        self._on_disconnect = on_disconnect
+        self._on_bytes = on_bytes
+        #: Set when the body iterator stops reading (its end, or the caller left).
+        self._handed_over = trio.Event()
+        self.body_complete = not has_body
+        self.disconnected = False
+        if not has_body:
+            self._handed_over.set()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self.body_complete:
+            self._timer.pause()  # waiting on the caller is not the tunnel's fault
+            message = await self._receive()
+            self._timer.restart()
+            if message["type"] == "http.disconnect":
+                self._gone()
+                await trio.sleep_forever()  # cancelled with the exchange
+            chunk: bytes = message.get("body", b"")
+            if not message.get("more_body", False):
+                self.body_complete = True
+                self._handed_over.set()
+            if chunk:
+                self._on_bytes(len(chunk))
+                return chunk
+        raise StopAsyncIteration
+
+    async def watch(self) -> None:
+        """Once the body is read (or was never there), wait for the caller to leave."""
+        await self._handed_over.wait()
+        while not self.disconnected:
+            message: Message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self._gone()
+
+    def _gone(self) -> None:
+        self.disconnected = True
+        self._handed_over.set()
+        self._on_disconnect()
+
+
+async def forward_http_request(
+    state: ProxyState, scope: Scope, receive: Receive, send: Send, device_id: str, target: bytes
+) -> None:
+    """The raw ASGI handler: forward one request to ``device_id``'s agent as ``target``
+    (``/path?query``, escaped). Never raises for what the tunnel or the caller did."""
+    metrics = state.metrics
+    if state.draining.is_set():
+        metrics.forwards.inc(status="503")
+        await send_error(send, 503, "SHUTTING_DOWN", "the remote-proxy is shutting down")
+        return
+    tunnel = state.tunnels.get(device_id)
+    if tunnel is None:
+        metrics.forwards.inc(status="502")
+        await send_error(send, 502, "TUNNEL_DISCONNECTED", f"device {device_id!r} is not connected")
+        return
+    with state.inflight:
+        status = await _Exchange(state, tunnel, scope, receive, send).run(target)
+    metrics.forwards.inc(status=str(status))
+
+
+class _Exchange:
+    """One forward: the caller's request to the agent, its response back."""
+
+    def __init__(
+        self, state: ProxyState, tunnel: Tunnel, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        self.state = state
+        self.tunnel = tunnel
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        #: What the caller got (or was getting when it left).
+        self.status = CLIENT_CLOSED
+
+    async def run(self, target: bytes) -> int:
+        """Forward; returns the status to count."""
+        metrics = self.state.metrics
+        headers: list[tuple[bytes, bytes]] = list(self.scope["headers"])
+        timer = _HeadTimer(self.state.config.forward_timeout)
+        async with trio.open_nursery() as nursery:
+            caller = _Caller(
+                self.receive,
+                _has_body(headers),
+                timer,
+                on_disconnect=nursery.cancel_scope.cancel,
+                on_bytes=lambda n: metrics.forward_bytes_in.inc(n),
+            )
+            nursery.start_soon(caller.watch)
+            await self._forward(target, headers, caller, timer)
+            nursery.cancel_scope.cancel()
+        if caller.disconnected:
+            logger.info(
+                "caller went away", extra={"device": self.tunnel.key, "status": self.status}
+            )
+        return self.status
+
+    async def _forward(
+        self, target: bytes, headers: list[tuple[bytes, bytes]], caller: _Caller, timer: _HeadTimer
+    ) -> None:
+        metrics = self.state.metrics
+        body: bytes | _Caller = b"" if caller.body_complete else caller
+        outgoing = forwarded_headers(headers, current_request_id.get())
+        start = trio.current_time()
+        response: HttpResponse | None = None
+        try:
+            with timer.scope:
+                response = await self.tunnel.forward_http(
+                    self.scope["method"], target, outgoing, body
+                )
+        except (ForwardError, yamux.StreamReset, yamux.StreamsExhausted) as exc:
+            logger.info("forward failed", extra={"device": self.tunnel.key, "error": repr(exc)})
+            await self._fail(502, "TUNNEL_ERROR", "the tunnel failed before the response")
+            return
+        except yamux.SessionClosed:
+            await self._fail(502, "TUNNEL_DISCONNECTED", "the device's tunnel is closing")
+            return
+        if response is None:  # the timer ran out
+            await self._fail(504, "TUNNEL_TIMEOUT", "the device did not answer in time")
+            return
+        metrics.forward_seconds.observe(trio.current_time() - start)
+        async with response:
+            await self._stream_response(response)
+
+    async def _stream_response(self, response: HttpResponse) -> None:
+        metrics = self.state.metrics
+        self.status = response.status
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": response.status,
+                "headers": response_headers(response.headers),
+            }
+        )
+        try:
+            async for chunk in response.body:
+                await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+                metrics.forward_bytes_out.inc(len(chunk))
+        except ForwardError as exc:
+            # Too late for another status: end the response unfinished, and hypercorn
+            # closes the connection, so the caller sees a short body, never a whole one.
+            logger.warning(
+                "tunnel broke mid-response", extra={"device": self.tunnel.key, "error": repr(exc)}
+            )
+            return
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _fail(self, status: int, code: str, message: str) -> None:
+        self.status = status
+        await send_error(self.send, status, code, message)

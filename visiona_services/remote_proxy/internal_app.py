@@ -1,0 +1,338 @@
+"""The remote-proxy's internal API (VISIONA_PROXY_INTERNAL_HOST:PORT, 127.0.0.1:3801): what
+the api-server calls to see sessions and to reach devices.
+
+=================================================  =============================================
+route                                              answer
+=================================================  =============================================
+``GET /internal/sessions``                         ``{"success": true, "data": [session, ...]}``
+``GET /internal/sessions/{device_id}``             one session; 404 ``SESSION_NOT_FOUND``
+``DELETE /internal/sessions/{device_id}``          closes the tunnel (GoAway, then WebSocket
+                                                   close 1000; the agent redials at once);
+                                                   ``{"device_id": ..., "closed": true}``; 404
+``ANY /internal/forward/{device_id}/{path}``       an HTTP request to the device's local server
+                                                   (raw ASGI, :mod:`.http_forward`)
+``WS /internal/forward-ws/{device_id}/{path}``     a WebSocket to it (raw ASGI, :mod:`.ws_forward`)
+``GET /metrics``                                   Prometheus text
+=================================================  =============================================
+
+A session is ``{"device_id", "connected": true, "since" (ISO 8601 UTC), "remote_address",
+"open_streams", "rtt_ms" (last keepalive round trip, or null), "bytes_in", "bytes_out"}``.
+
+One middleware, :class:`InternalMiddleware`, sees every ``http`` and ``websocket`` scope
+before anything else does. It picks the request id (``X-Request-ID``, see
+:mod:`visiona_services.common.http`) and returns it on every response, requires
+``Authorization: Bearer $VISIONA_INTERNAL_SECRET`` (else 401 ``UNAUTHORIZED``) -- so no route
+can be added without it --, sends the streaming routes (:data:`RAW_ROUTES`) to their raw
+ASGI handlers and the rest to Quart, and logs one access line per request. Every error is
+the JSON envelope.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import cast
+from urllib.parse import unquote_to_bytes
+
+import attrs
+import quart
+import trio
+from hypercorn.config import Config as HypercornConfig
+from quart_trio import QuartTrio
+
+from visiona_tunnel.relay import TunnelStats
+
+from ..common.http import (
+    JSON_CONTENT_TYPE,
+    REQUEST_ID_HEADER,
+    ApiError,
+    AsgiApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    bearer_matches,
+    current_request_id,
+    error_envelope,
+    header_values,
+    install_json_error_handlers,
+    json_bytes,
+    json_response,
+    new_request_id,
+    ok_envelope,
+    reject_websocket,
+    sane_request_id,
+    send_error,
+)
+from ..common.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .config import ProxyConfig
+from .http_forward import forward_http_request
+from .state import ProxyState
+from .ws_forward import MAX_MESSAGE_SIZE, forward_websocket
+
+__all__ = [
+    "RAW_ROUTES",
+    "InternalMiddleware",
+    "RawRoute",
+    "create_internal_app",
+    "internal_hypercorn_config",
+    "session_json",
+]
+
+logger = logging.getLogger("visiona_services.remote_proxy.internal")
+access_logger = logging.getLogger("visiona_services.remote_proxy.access")
+
+#: ``handler(state, scope, receive, send, device_id, target)``; ``target`` is the rest of
+#: the path after the device id, escaped as received, with the query: ``/a%2Fb?x=1``.
+RawHandler = Callable[[ProxyState, Scope, Receive, Send, str, bytes], Awaitable[None]]
+
+
+@attrs.frozen
+class RawRoute:
+    """A route served by a raw ASGI handler instead of Quart: every path under ``prefix``
+    (``{prefix}{device_id}/{path}``) of scope type ``kind``."""
+
+    kind: str  # "http" or "websocket"
+    #: The route as a Quart-style rule (for documentation and tests).
+    rule: str
+    prefix: bytes
+    handler: RawHandler
+
+    def match(self, scope: Scope) -> tuple[str, bytes] | None:
+        """``(device_id, target)`` if ``scope`` is for this route, else None.
+
+        The path is cut from ``raw_path``, so the device's path stays escaped as sent.
+        """
+        if scope["type"] != self.kind:
+            return None
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        if not raw_path.startswith(self.prefix):
+            return None
+        device, _, rest = raw_path[len(self.prefix) :].partition(b"/")
+        device_id = unquote_to_bytes(device).decode("utf-8", "replace")
+        if not device_id:
+            return None
+        target = b"/" + rest
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        return device_id, target
+
+
+#: The raw ASGI routes, as data: the middleware dispatches on them, tests iterate them.
+RAW_ROUTES: tuple[RawRoute, ...] = (
+    RawRoute(
+        "http",
+        "/internal/forward/<device_id>/<path:path>",
+        b"/internal/forward/",
+        forward_http_request,
+    ),
+    RawRoute(
+        "websocket",
+        "/internal/forward-ws/<device_id>/<path:path>",
+        b"/internal/forward-ws/",
+        forward_websocket,
+    ),
+)
+
+
+class _ResponseWatch:
+    """Wraps ``send``: adds ``X-Request-ID`` to the response head and remembers the
+    status (for the access log, and to know whether an error can still be answered)."""
+
+    def __init__(self, send: Send, request_id: str) -> None:
+        self._send = send
+        self._header = (b"X-Request-ID", request_id.encode())
+        self.status: int | None = None
+        self.accepted = False
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind in ("http.response.start", "websocket.http.response.start"):
+            message = {**message, "headers": [*message.get("headers", ()), self._header]}
+            self.status = int(message["status"])
+        elif kind == "websocket.accept":
+            message = {**message, "headers": [*message.get("headers", ()), self._header]}
+            self.status, self.accepted = 101, True
+        elif kind == "websocket.close" and self.status is None:
+            self.status = 403  # hypercorn refuses the handshake
+        await self._send(message)
+
+
+class InternalMiddleware:
+    """Request id, authentication, raw routes, access log; see the module docstring."""
+
+    def __init__(
+        self, state: ProxyState, app: AsgiApp, routes: Sequence[RawRoute] = RAW_ROUTES
+    ) -> None:
+        self.state = state
+        self.app = app
+        self.routes = tuple(routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)  # lifespan
+            return
+        headers = scope.get("headers", [])
+        supplied = header_values(headers, REQUEST_ID_HEADER)
+        request_id = (sane_request_id(supplied[0]) if supplied else None) or new_request_id()
+        token = current_request_id.set(request_id)
+        watch = _ResponseWatch(send, request_id)
+        start = trio.current_time()
+        try:
+            await self._dispatch(scope, receive, watch)
+        except Exception:
+            logger.exception("unhandled error in %s", scope.get("path"))
+            await self._answer_error(scope, watch)
+        finally:
+            method = scope.get("method", "WEBSOCKET")
+            access_logger.info(
+                "%s %s %s",
+                method,
+                scope.get("path"),
+                watch.status,
+                extra={
+                    "method": method,
+                    "path": scope.get("path"),
+                    "status": watch.status,
+                    "duration_ms": round((trio.current_time() - start) * 1000, 1),
+                },
+            )
+            current_request_id.reset(token)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, watch: _ResponseWatch) -> None:
+        send = watch.send
+        if not bearer_matches(scope.get("headers", []), self.state.config.internal_secret):
+            await self._unauthorized(scope, receive, send)
+            return
+        for route in self.routes:
+            matched = route.match(scope)
+            if matched is not None:
+                await route.handler(self.state, scope, receive, send, *matched)
+                return
+        if scope["type"] == "websocket":  # Quart has no websocket routes here
+            await receive()
+            body = json_bytes(error_envelope("NOT_FOUND", "no such route"))
+            headers = [(b"content-type", JSON_CONTENT_TYPE.encode())]
+            await reject_websocket(scope, send, 404, body, headers)
+            return
+        await self.app(scope, receive, send)
+
+    async def _unauthorized(self, scope: Scope, receive: Receive, send: Send) -> None:
+        challenge = (b"www-authenticate", b"Bearer")
+        message = "Authorization: Bearer <internal secret> required"
+        if scope["type"] == "http":
+            await send_error(send, 401, "UNAUTHORIZED", message, [challenge])
+            return
+        await receive()  # websocket.connect
+        body = json_bytes(error_envelope("UNAUTHORIZED", message))
+        headers = [(b"content-type", JSON_CONTENT_TYPE.encode()), challenge]
+        await reject_websocket(scope, send, 401, body, headers)
+
+    async def _answer_error(self, scope: Scope, watch: _ResponseWatch) -> None:
+        """After a handler failed: a 500 if nothing was answered yet, else close."""
+        try:
+            if scope["type"] == "http":
+                if watch.status is None:
+                    await send_error(watch.send, 500, "INTERNAL_ERROR", "internal error")
+            elif watch.accepted:
+                await watch.send({"type": "websocket.close", "code": 1011})
+            elif watch.status is None:
+                body = json_bytes(error_envelope("INTERNAL_ERROR", "internal error"))
+                headers = [(b"content-type", JSON_CONTENT_TYPE.encode())]
+                await reject_websocket(scope, watch.send, 500, body, headers)
+        except Exception:  # the server refused the message: it is over anyway
+            logger.debug("could not answer the error", exc_info=True)
+
+
+# -- the Quart routes -----------------------------------------------------------------------
+
+
+def _iso_utc(timestamp: float) -> str:
+    moment = datetime.fromtimestamp(timestamp, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def session_json(stats: TunnelStats) -> dict[str, object]:
+    """One session as the API shows it."""
+    return {
+        "device_id": stats.key,
+        "connected": True,
+        "since": _iso_utc(stats.connected_since),
+        "remote_address": stats.remote_address,
+        "open_streams": stats.open_streams,
+        "rtt_ms": None if stats.rtt is None else round(stats.rtt * 1000, 3),
+        "bytes_in": stats.bytes_in,
+        "bytes_out": stats.bytes_out,
+    }
+
+
+def _register_routes(app: QuartTrio, state: ProxyState) -> None:
+    def tunnel_of(device_id: str) -> TunnelStats:
+        tunnel = state.tunnels.get(device_id)
+        if tunnel is None:
+            raise ApiError(404, "SESSION_NOT_FOUND", f"device {device_id!r} is not connected")
+        return tunnel.stats()
+
+    @app.get("/internal/sessions")
+    async def list_sessions() -> quart.Response:
+        sessions = sorted((session_json(t.stats()) for t in state.tunnels), key=_by_device)
+        return json_response(200, ok_envelope(sessions))
+
+    @app.get("/internal/sessions/<device_id>")
+    async def get_session(device_id: str) -> quart.Response:
+        return json_response(200, ok_envelope(session_json(tunnel_of(device_id))))
+
+    @app.delete("/internal/sessions/<device_id>")
+    async def close_session(device_id: str) -> quart.Response:
+        tunnel = state.tunnels.get(device_id)
+        if tunnel is None:
+            raise ApiError(404, "SESSION_NOT_FOUND", f"device {device_id!r} is not connected")
+        await tunnel.close(1000, "closed by the remote-proxy")
+        logger.info("session closed by request", extra={"device": device_id})
+        return json_response(200, ok_envelope({"device_id": device_id, "closed": True}))
+
+    @app.get("/metrics")
+    async def metrics() -> quart.Response:
+        return quart.Response(
+            state.metrics.registry.render(), status=200, content_type=METRICS_CONTENT_TYPE
+        )
+
+
+def _by_device(session: dict[str, object]) -> str:
+    return str(session["device_id"])
+
+
+def create_internal_app(state: ProxyState) -> QuartTrio:
+    """The internal API app; serve it with :func:`internal_hypercorn_config`."""
+    app = QuartTrio(__name__, static_folder=None)
+    install_json_error_handlers(app)
+    _register_routes(app, state)
+    quart_app = cast(AsgiApp, app.asgi_app)  # hypercorn's TypedDicts are narrower
+    app.asgi_app = InternalMiddleware(state, quart_app)  # type: ignore[method-assign,assignment]
+    return app
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def internal_hypercorn_config(config: ProxyConfig) -> HypercornConfig:
+    """hypercorn settings for the internal listener.
+
+    Response headers are the agent's: hypercorn adds no ``Date`` or ``Server``, and keeps
+    the case of request header names (``h11_pass_raw_headers``). The access log is the
+    middleware's (JSON, with the request id); hypercorn's errors go to ``logging``.
+    """
+    hyper = HypercornConfig()
+    hyper.bind = [_bind(config.internal_host, config.internal_port)]
+    hyper.accesslog = None
+    hyper.errorlog = logging.getLogger("hypercorn.error")
+    hyper.include_date_header = False
+    hyper.include_server_header = False
+    hyper.h11_pass_raw_headers = True
+    hyper.websocket_max_message_size = MAX_MESSAGE_SIZE
+    # The service waits for in-flight forwards itself (state.inflight) before it stops
+    # the server; what is left by then gets a few seconds.
+    hyper.graceful_timeout = min(5.0, config.shutdown_grace)
+    return hyper

@@ -1,0 +1,289 @@
+"""The remote-proxy's tunnel listener (VISIONA_TUNNEL_HOST:PORT, 0.0.0.0:3800): agents
+connect here.
+
+Routes:
+
+* ``GET /healthz`` -> ``{"success": true, "data": {"status": "ok", "sessions": N}}``;
+  503 ``DRAINING`` (error envelope) while the service drains.
+* ``GET /tunnel/connect?token=...`` (WebSocket; ``Authorization: Bearer <token>`` also
+  works): the token is verified *before* the upgrade. Refusals are HTTP responses with the
+  error envelope ``{"success": false, "error": {"code", "message", "request_id"}}``:
+
+  * 401 ``UNAUTHORIZED``: no token, or the verifier does not know it (the body does not
+    say which; counted in ``metrics.auth_failures``);
+  * 503 ``AUTH_UNAVAILABLE``: the verifier cannot answer (:class:`.VerifierUnavailable`
+    or no answer within ``verify_timeout``);
+  * 503 ``DRAINING``: the service is shutting down (``state.draining``).
+
+  Accepted, ``state.tunnels.serve(device_id, ...)`` runs the yamux server session until it
+  ends; a reconnect of the same device replaces the older tunnel (close 4001, done by the
+  registry). A plain GET there (no upgrade) gets 426 ``UPGRADE_REQUIRED``.
+
+Every response carries ``X-Request-ID`` (the caller's if sane, else a new one), and log
+lines made while a request is handled -- for a tunnel, for its whole life -- carry it too
+(:data:`~visiona_services.common.http.current_request_id`).
+
+The WebSocket goes around Quart: :class:`TunnelMiddleware` takes the ``websocket`` scope at
+``/tunnel/connect``, refuses with the ASGI ``websocket.http.response`` extension (hypercorn
+has it), and otherwise runs the tunnel on :class:`~.asgi_websocket.AsgiWebSocketStream`
+(Quart's websocket object would queue messages without bound; hypercorn's own queue holds
+10, which is backpressure on the agent). Tokens are never logged.
+
+Serve it with :func:`tunnel_hypercorn_config`: hypercorn's default 16 MiB message limit is
+too small for a Go agent (see :data:`TUNNEL_MAX_MESSAGE_SIZE`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import cast
+
+import quart
+import trio
+from hypercorn.config import Config as HypercornConfig
+from quart_trio import QuartTrio
+
+from visiona_tunnel.relay import token_from_request
+from visiona_tunnel.wsconn import WebSocketStream
+
+from ..common.http import (
+    JSON_CONTENT_TYPE,
+    REQUEST_ID_HEADER,
+    AsgiApp,
+    Message,
+    Receive,
+    Scope,
+    Send,
+    current_request_id,
+    error_envelope,
+    header_values,
+    install_json_error_handlers,
+    json_bytes,
+    json_response,
+    new_request_id,
+    ok_envelope,
+    reject_websocket,
+    sane_request_id,
+)
+from .asgi_websocket import AsgiWebSocketStream
+from .config import ProxyConfig
+from .state import ProxyState
+from .verify import TokenVerifier, VerifierUnavailable
+
+__all__ = [
+    "DRAIN_TIMEOUT",
+    "TUNNEL_MAX_MESSAGE_SIZE",
+    "TUNNEL_PATH",
+    "VERIFY_TIMEOUT",
+    "TunnelEndpoint",
+    "TunnelMiddleware",
+    "create_tunnel_app",
+    "tunnel_hypercorn_config",
+]
+
+logger = logging.getLogger("visiona_services.remote_proxy.tunnel")
+
+MiB = 1024 * 1024
+#: Where agents connect.
+TUNNEL_PATH = "/tunnel/connect"
+#: The largest WebSocket message hypercorn takes from an agent. A Go (hashicorp) agent
+#: writes a Data frame's body as one message, as large as its send window (with a 16 MiB
+#: window: 16 MiB, plus the 12-byte header in a message of its own); twice that, plus
+#: headroom. hypercorn's default (16 MiB) would close such an agent with 1009.
+TUNNEL_MAX_MESSAGE_SIZE = 32 * MiB + 64 * 1024
+#: How long a token check may take before the agent gets 503.
+VERIFY_TIMEOUT = 10.0
+#: How long, after a tunnel ended, we wait for the agent's close reply.
+DRAIN_TIMEOUT = 10.0
+
+
+def _remote_address(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return "{}:{}".format(*client[:2]) if client else None
+
+
+class TunnelEndpoint:
+    """The raw-ASGI handler of the ``websocket`` scope at :data:`TUNNEL_PATH` (expects
+    :data:`current_request_id` to be set, as :class:`TunnelMiddleware` does)."""
+
+    def __init__(
+        self,
+        state: ProxyState,
+        verifier: TokenVerifier,
+        *,
+        verify_timeout: float = VERIFY_TIMEOUT,
+        drain_timeout: float = DRAIN_TIMEOUT,
+    ) -> None:
+        self.state = state
+        self.verifier = verifier
+        self.verify_timeout = verify_timeout
+        self.drain_timeout = drain_timeout
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (await receive())["type"] != "websocket.connect":
+            return  # gone before the handshake reached us
+        remote = _remote_address(scope)
+        device = await self._admit(scope, send, remote)
+        if device is None:
+            return
+        await send({"type": "websocket.accept", "headers": [_request_id_header()]})
+        ws = AsgiWebSocketStream(receive, send)
+        try:
+            # TunnelRegistry.serve is annotated with WebSocketStream but needs only a trio
+            # Stream whose aclose takes (code, reason), which this is.
+            await self.state.tunnels.serve(device, cast(WebSocketStream, ws), remote_address=remote)
+        finally:
+            with trio.move_on_after(self.drain_timeout) as drain:
+                await ws.aclose()
+                await ws.drain()
+            if drain.cancelled_caught:
+                logger.warning(
+                    "agent did not answer our close", extra={"device": device, "remote": remote}
+                )
+
+    async def _admit(self, scope: Scope, send: Send, remote: str | None) -> str | None:
+        """The device id to serve, or None after sending the refusal."""
+        if self.state.draining.is_set():
+            await _refuse(scope, send, 503, "DRAINING", "the proxy is shutting down; retry later")
+            return None
+        target = "?" + bytes(scope.get("query_string", b"")).decode("latin-1")
+        token = token_from_request(target, scope.get("headers", []))
+        device: str | None = None
+        if token:
+            try:
+                with trio.fail_after(self.verify_timeout):
+                    device = await self.verifier(token)
+            except (VerifierUnavailable, trio.TooSlowError) as exc:
+                logger.warning(
+                    "tunnel refused: token check unavailable",
+                    extra={"remote": remote, "error": str(exc) or "timed out"},
+                )
+                await _refuse(scope, send, 503, "AUTH_UNAVAILABLE", "cannot check tokens now")
+                return None
+        if device is None:
+            self.state.metrics.auth_failures.inc()
+            reason = "unknown" if token else "missing"
+            logger.info("tunnel refused: %s token", reason, extra={"remote": remote})
+            await _refuse(scope, send, 401, "UNAUTHORIZED", "a valid device token is required")
+            return None
+        if self.state.draining.is_set():  # it may have begun while we verified
+            await _refuse(scope, send, 503, "DRAINING", "the proxy is shutting down; retry later")
+            return None
+        return device
+
+
+def _request_id_header() -> tuple[bytes, bytes]:
+    return (b"x-request-id", (current_request_id.get() or new_request_id()).encode())
+
+
+async def _refuse(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
+    """Answer the handshake with ``status`` and the error envelope."""
+    headers = [
+        (b"content-type", JSON_CONTENT_TYPE.encode()),
+        (b"cache-control", b"no-store"),
+        _request_id_header(),
+    ]
+    if status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="visiona-tunnel"'))
+    elif status == 503:
+        headers.append((b"retry-after", b"5"))
+    await reject_websocket(scope, send, status, json_bytes(error_envelope(code, message)), headers)
+
+
+class TunnelMiddleware:
+    """In front of Quart: sets the request id (and returns it on Quart's responses), and
+    routes the ``websocket`` scope at :data:`TUNNEL_PATH` to ``endpoint``."""
+
+    def __init__(self, app: AsgiApp, endpoint: TunnelEndpoint) -> None:
+        self.app = app
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)  # lifespan
+            return
+        supplied = header_values(scope.get("headers", []), REQUEST_ID_HEADER)
+        request_id = (sane_request_id(supplied[0]) if supplied else None) or new_request_id()
+        token = current_request_id.set(request_id)
+        try:
+            if scope["type"] == "websocket" and scope["path"] == TUNNEL_PATH:
+                await self.endpoint(scope, receive, send)
+            else:
+                await self.app(scope, receive, _RequestIdSend(send, request_id))
+        finally:
+            current_request_id.reset(token)
+
+
+class _RequestIdSend:
+    """``send`` that adds ``X-Request-ID`` to a response head."""
+
+    _STARTS = ("http.response.start", "websocket.http.response.start", "websocket.accept")
+
+    def __init__(self, send: Send, request_id: str) -> None:
+        self._send = send
+        self._header = (b"x-request-id", request_id.encode())
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] in self._STARTS:
+            message = {**message, "headers": [*message.get("headers", ()), self._header]}
+        await self._send(message)
+
+
+def create_tunnel_app(
+    state: ProxyState,
+    verifier: TokenVerifier,
+    *,
+    verify_timeout: float = VERIFY_TIMEOUT,
+    drain_timeout: float = DRAIN_TIMEOUT,
+) -> QuartTrio:
+    """The tunnel listener's app (routes in the module docstring)."""
+    app = QuartTrio(__name__, static_folder=None)
+    install_json_error_handlers(app)
+
+    @app.get("/healthz")
+    async def healthz() -> quart.Response:
+        if state.draining.is_set():
+            return json_response(503, error_envelope("DRAINING", "the proxy is shutting down"))
+        return json_response(200, ok_envelope({"status": "ok", "sessions": len(state.tunnels)}))
+
+    @app.get(TUNNEL_PATH)
+    async def connect_without_upgrade() -> quart.Response:
+        envelope = error_envelope("UPGRADE_REQUIRED", "connect with a WebSocket upgrade")
+        return json_response(426, envelope, _UPGRADE_HEADERS)
+
+    endpoint = TunnelEndpoint(
+        state, verifier, verify_timeout=verify_timeout, drain_timeout=drain_timeout
+    )
+    quart_app = cast(AsgiApp, app.asgi_app)  # hypercorn's TypedDicts are narrower
+    app.asgi_app = TunnelMiddleware(quart_app, endpoint)  # type: ignore[method-assign,assignment]
+    return app
+
+
+_UPGRADE_HEADERS: Sequence[tuple[str, str]] = (("Upgrade", "websocket"), ("Connection", "Upgrade"))
+
+
+def tunnel_hypercorn_config(config: ProxyConfig) -> HypercornConfig:
+    """hypercorn settings for the tunnel listener (``VISIONA_TUNNEL_HOST``/``PORT``).
+
+    * ``websocket_max_message_size``: :data:`TUNNEL_MAX_MESSAGE_SIZE` (hypercorn: 16 MiB).
+    * No WebSocket pings from hypercorn (yamux pings every 10 s); HTTP keep-alive 5 s
+      (only ``/healthz`` uses it).
+    * No access log; hypercorn's errors go to ``logging`` (``hypercorn.error``); no
+      ``Server`` header.
+    * ``graceful_timeout``: how long connections may take to end after the shutdown
+      trigger; the service closes the tunnels (1001) before it pulls it.
+    * ``max_app_queue_size`` stays 10 messages per connection: our backpressure on an
+      agent (its yamux windows bound what it may send anyway).
+    """
+    hyper = HypercornConfig()
+    host, port = config.tunnel_host, config.tunnel_port
+    hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    hyper.websocket_max_message_size = TUNNEL_MAX_MESSAGE_SIZE
+    hyper.websocket_ping_interval = None
+    hyper.keep_alive_timeout = 5.0
+    hyper.graceful_timeout = min(5.0, config.shutdown_grace)
+    hyper.accesslog = None
+    hyper.errorlog = logging.getLogger("hypercorn.error")
+    hyper.include_server_header = False
+    return hyper

@@ -1,0 +1,183 @@
+"""Device-token verification for the tunnel listener: token in, device id (or None) out.
+
+A :class:`TokenVerifier` answers ``None`` only when the token is definitely not valid
+(the agent then gets 401 and backs off); when it cannot tell -- the api-server is down,
+slow or answers something unexpected -- it raises :class:`VerifierUnavailable` and the
+agent gets 503 (it retries, and its token is not treated as refused).
+
+Tokens are secrets: nothing here logs them, and they are not part of any ``repr``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import trio
+
+from visiona_tunnel.httpstream import forward_http
+
+from .config import ProxyConfig
+
+logger = logging.getLogger("visiona_services.remote_proxy.verify")
+
+#: The api-server endpoint :class:`ApiServerVerifier` calls (docs/remote-proxy.md).
+VERIFY_PATH = "/internal/devices/verify"
+#: Statuses of the verify endpoint that mean "this token is not valid".
+REFUSED_STATUSES = frozenset({401, 403, 404})
+#: The largest verify response read; a larger one is an error.
+MAX_RESPONSE_SIZE = 64 * 1024
+
+
+class TokenVerifier(Protocol):
+    """``await verifier(token)``: the device id the token belongs to, or None.
+
+    Raises:
+        VerifierUnavailable: the verifier cannot answer now (not the token's fault).
+    """
+
+    async def __call__(self, token: str) -> str | None: ...
+
+
+class VerifierUnavailable(Exception):
+    """The token could not be checked (backend down, timed out, malformed answer)."""
+
+
+class StaticTokenVerifier:
+    """A fixed ``token -> device id`` table (``VISIONA_PROXY_STATIC_TOKENS``)."""
+
+    def __init__(self, tokens: dict[str, str]) -> None:
+        self._tokens = dict(tokens)
+
+    def __repr__(self) -> str:
+        return f"StaticTokenVerifier(<{len(self._tokens)} tokens>)"
+
+    async def __call__(self, token: str) -> str | None:
+        await trio.lowlevel.checkpoint()
+        return self._tokens.get(token)
+
+
+class ApiServerVerifier:
+    """Asks the api-server: ``POST {base_url}/internal/devices/verify`` with
+    ``Authorization: Bearer <internal_secret>`` and ``{"token": "..."}``.
+
+    * 200 ``{"success": true, "data": {"device_id": "..."}}`` -> the device id;
+    * 401, 403, 404 -> None;
+    * anything else, a malformed 200, a connection failure or no answer within
+      ``timeout`` seconds -> :class:`VerifierUnavailable`.
+
+    One fresh connection per call (tunnel connects are rare; no pool to go stale).
+    Only ``http://`` base URLs: the internal API is meant for a private network.
+    """
+
+    def __init__(self, base_url: str, internal_secret: str, *, timeout: float = 5.0) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(
+                f"api-server URL must be http://host[:port][/prefix], got {base_url!r}"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError(f"api-server URL must not have a query or fragment: {base_url!r}")
+        self.host = parts.hostname
+        self.port = parts.port or 80
+        self.netloc = parts.netloc.rsplit("@", 1)[-1]
+        self.target = parts.path.rstrip("/") + VERIFY_PATH
+        self.timeout = timeout
+        self._secret = internal_secret
+
+    def __repr__(self) -> str:
+        return f"ApiServerVerifier('http://{self.netloc}{self.target}')"
+
+    async def __call__(self, token: str) -> str | None:
+        with trio.move_on_after(self.timeout) as scope:
+            status, body = await self._post(json.dumps({"token": token}).encode())
+        if scope.cancelled_caught:
+            raise VerifierUnavailable(f"no answer from the api-server within {self.timeout} s")
+        if status in REFUSED_STATUSES:
+            return None
+        if status != 200:
+            raise VerifierUnavailable(f"the api-server answered HTTP {status}")
+        return _device_id(body)
+
+    async def _post(self, payload: bytes) -> tuple[int, bytes]:
+        headers = [
+            ("Authorization", f"Bearer {self._secret}"),
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json"),
+        ]
+        try:
+            stream = await trio.open_tcp_stream(self.host, self.port)
+        except OSError as exc:
+            raise VerifierUnavailable(f"cannot reach the api-server: {exc}") from exc
+        # Failures are caught inside the nursery (which would wrap them in a group).
+        result: tuple[int, bytes] | Exception
+        try:
+            async with trio.open_nursery() as nursery:
+                try:
+                    result = await self._exchange(nursery, stream, headers, payload)
+                except (VerifierUnavailable, trio.BrokenResourceError, OSError) as exc:
+                    result = exc
+        finally:
+            await trio.aclose_forcefully(stream)
+        if isinstance(result, VerifierUnavailable):
+            raise result
+        if isinstance(result, Exception):
+            raise VerifierUnavailable(f"the api-server request failed: {result!r}") from result
+        return result
+
+    async def _exchange(
+        self,
+        nursery: trio.Nursery,
+        stream: trio.abc.Stream,
+        headers: list[tuple[str, str]],
+        payload: bytes,
+    ) -> tuple[int, bytes]:
+        """One request on ``stream``; the status and the whole (bounded) body.
+
+        Raises:
+            ForwardError: no valid response. VerifierUnavailable: the body is too large.
+        """
+        response = await forward_http(
+            nursery, stream, "POST", self.target, headers, payload, host=self.netloc
+        )
+        async with response:
+            body = bytearray()
+            async for chunk in response.body:
+                body += chunk
+                if len(body) > MAX_RESPONSE_SIZE:
+                    raise VerifierUnavailable("the api-server's answer is too large")
+            return response.status, bytes(body)
+
+
+def _device_id(body: bytes) -> str:
+    """The device id of a 200 answer; :class:`VerifierUnavailable` if it has none."""
+    try:
+        document = json.loads(body)
+        device_id = document["data"]["device_id"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise VerifierUnavailable("malformed answer from the api-server") from exc
+    if document.get("success") is not True or not isinstance(device_id, str) or not device_id:
+        raise VerifierUnavailable("malformed answer from the api-server")
+    return device_id
+
+
+def verifier_from_config(config: ProxyConfig) -> TokenVerifier:
+    """``VISIONA_API_INTERNAL_URL`` set: ask the api-server; otherwise the static tokens."""
+    if config.api_internal_url:
+        return ApiServerVerifier(config.api_internal_url, config.internal_secret)
+    if not config.tokens:
+        logger.warning("no VISIONA_API_INTERNAL_URL and no static tokens: every agent is refused")
+    return StaticTokenVerifier(config.tokens)
+
+
+__all__ = [
+    "MAX_RESPONSE_SIZE",
+    "VERIFY_PATH",
+    "ApiServerVerifier",
+    "StaticTokenVerifier",
+    "TokenVerifier",
+    "VerifierUnavailable",
+    "verifier_from_config",
+]
