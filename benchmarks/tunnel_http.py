@@ -18,6 +18,10 @@ Every party is its own process, everything on 127.0.0.1:
 * **agent**: ``python -m visiona_tunnel.agent`` (py-agent) or the Go ``goagent`` (go-agent).
 * **relay**: this module's ``--role pyrelay`` (``serve_tunnel_listener`` + ``TunnelRegistry``)
   or the Go ``gorelay``.
+* **proxy**: the remote-proxy service, ``python -m visiona_services.remote_proxy``, configured
+  by environment (tunnel and internal listeners on free ports of 127.0.0.1, picked by binding
+  port 0 first; a random internal secret; ``VISIONA_PROXY_STATIC_TOKENS`` with the bench
+  token; ``VISIONA_LOG_LEVEL=warning``).
 * **load**: where the requests come from.
 
 Chains (``--chains``):
@@ -27,6 +31,10 @@ Chains (``--chains``):
   process**, calling ``Tunnel.forward_http`` (as the remote proxy will) -> agent -> server.
 * ``go-relay+go-agent``, ``go-relay+py-agent``: load (h11 client) -> gorelay's HTTP front
   ``/forward/<device>/<path>`` -> agent -> server.
+* ``proxy+py-agent``, ``proxy+go-agent``: load (h11 client, ``Authorization: Bearer
+  <secret>``) -> the proxy's internal API ``/internal/forward/<device>/<path>`` (hypercorn,
+  streamed both ways) -> agent (connected to the proxy's tunnel listener with the static
+  token) -> server. The load starts once ``GET /internal/sessions/<device>`` answers 200.
 
 Each (round, workload, chain) is one *run* with fresh processes. Runs are interleaved
 round-robin (every round runs every workload on every chain, the chain order rotating each
@@ -73,13 +81,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import http.client
 import importlib
 import importlib.metadata
 import json
 import os
 import platform
 import random
+import secrets
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -118,10 +129,14 @@ CHAINS = (
     "py-relay+go-agent",
     "go-relay+go-agent",
     "go-relay+py-agent",
+    "proxy+py-agent",
+    "proxy+go-agent",
 )
 WORKLOADS = ("small", "download", "upload")
 BASELINES = ("direct", "go-relay+go-agent")
 TOKEN = "bench-token"
+#: The load's environment variable with the remote-proxy's internal secret (proxy chains).
+BEARER_ENV = "TUNNEL_HTTP_BEARER"
 DEVICE = "bench-device"
 #: The body of ``GET /small``.
 SMALL_BODY = (b"0123456789abcdef" * 7)[:100]
@@ -286,11 +301,14 @@ class Requester(Protocol):
 class H11Requester:
     """One keep-alive HTTP/1.1 connection (reopened if the server ends it)."""
 
-    def __init__(self, port: int, prefix: str, block: bytes) -> None:
+    def __init__(
+        self, port: int, prefix: str, block: bytes, extra_headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
         self.port = port
         self.prefix = prefix
         self.block = block
         self.host = f"{HOST}:{port}"
+        self.extra_headers = list(extra_headers)
         self.stream: trio.SocketStream | None = None
         self.conn = h11.Connection(h11.CLIENT)
         self.connections = 0
@@ -301,7 +319,7 @@ class H11Requester:
             self.conn = h11.Connection(h11.CLIENT)
             self.connections += 1
         stream, conn = self.stream, self.conn
-        headers = [("Host", self.host)]
+        headers = [("Host", self.host), *self.extra_headers]
         if method == "POST":
             headers.append(("Content-Length", str(upload)))
         request = h11.Request(method=method, target=self.prefix + target, headers=headers)
@@ -557,7 +575,12 @@ async def run_workload(
 async def _load(args: argparse.Namespace, spec: RunSpec) -> dict[str, Any]:
     parties = await wait_for_pids(args.pids_file, {"load": os.getpid()})
     block = payload(spec.seed)
-    return await run_workload(lambda: H11Requester(args.port, args.prefix, block), spec, parties)
+    # The remote-proxy's internal API wants its secret (passed by environment, not argv).
+    secret = os.environ.get(BEARER_ENV)
+    extra = [("Authorization", f"Bearer {secret}")] if secret else []
+    return await run_workload(
+        lambda: H11Requester(args.port, args.prefix, block, extra), spec, parties
+    )
 
 
 async def _pyrelay(args: argparse.Namespace, spec: RunSpec) -> dict[str, Any]:
@@ -653,7 +676,8 @@ class _Run:
             filter(None, [str(ROOT), self.env.get("PYTHONPATH")])
         )
 
-    def start(self, name: str, cmd: Sequence[str]) -> Party:
+    def start(self, name: str, cmd: Sequence[str], env: Mapping[str, str] | None = None) -> Party:
+        """Start party ``name``; ``env``: variables added to the run's environment."""
         out, err = self.workdir / f"{self.tag}-{name}.out", self.workdir / f"{self.tag}-{name}.err"
         with out.open("wb") as out_file, err.open("wb") as err_file:
             proc = subprocess.Popen(
@@ -662,7 +686,7 @@ class _Run:
                 stderr=err_file,
                 stdin=subprocess.DEVNULL,
                 cwd=ROOT,
-                env=self.env,
+                env={**self.env, **env} if env else self.env,
             )
         party = Party(name, proc, out, err)
         self.parties.append(party)
@@ -705,6 +729,53 @@ class _Run:
             time.sleep(0.01)
         raise RunFailed(f"timeout after {self.args.timeout:.0f} s waiting for {prefix!r}")
 
+    def wait_http(self, party: Party, port: int, path: str, secret: str) -> None:
+        """Poll ``GET path`` (with the bearer ``secret``) on ``port`` until it answers 200;
+        ``party`` (the server behind it) exiting first fails the run."""
+        last = "no answer"
+        while time.monotonic() < self.deadline:
+            if party.proc.poll() is not None:
+                raise RunFailed(
+                    f"{party.name} exited ({party.proc.returncode}) before GET {path} gave 200"
+                )
+            status = _http_status(port, path, secret)
+            if status == 200:
+                return
+            last = "no answer" if status is None else f"status {status}"
+            time.sleep(0.02)
+        raise RunFailed(f"timeout after {self.args.timeout:.0f} s waiting for GET {path} ({last})")
+
+    def start_proxy(self) -> tuple[Party, int, int, str]:
+        """Start ``python -m visiona_services.remote_proxy`` on free ports (picked by binding
+        port 0 first; retried if another process took one meanwhile) and wait until its
+        internal API answers. Returns the party, its tunnel and internal ports, the secret."""
+        secret = secrets.token_urlsafe(24)
+        for attempt in range(3):
+            tunnel_port, internal_port = _free_ports(2)
+            env = {
+                "VISIONA_TUNNEL_HOST": HOST,
+                "VISIONA_TUNNEL_PORT": str(tunnel_port),
+                "VISIONA_PROXY_INTERNAL_HOST": HOST,
+                "VISIONA_PROXY_INTERNAL_PORT": str(internal_port),
+                "VISIONA_INTERNAL_SECRET": secret,
+                "VISIONA_PROXY_STATIC_TOKENS": f"{TOKEN}={DEVICE}",
+                "VISIONA_ENV": "production",
+                "VISIONA_LOG_LEVEL": "warning",
+                # The run is over when the proxy is stopped: no need to wait for forwards.
+                "VISIONA_PROXY_SHUTDOWN_GRACE": "1",
+            }
+            cmd = [sys.executable, "-m", "visiona_services.remote_proxy"]
+            proxy = self.start("proxy", cmd, env)
+            try:
+                self.wait_http(proxy, internal_port, "/internal/sessions", secret)
+            except RunFailed:
+                if attempt < 2 and "address already in use" in proxy.stderr().lower():
+                    self.parties.remove(proxy)
+                    continue
+                raise
+            return proxy, tunnel_port, internal_port, secret
+        raise AssertionError("unreachable")
+
     def wait_exit(self, party: Party) -> None:
         """Wait for ``party`` to exit; another party exiting first fails the run (after a
         short grace period for ``party`` to notice)."""
@@ -735,6 +806,30 @@ class _Run:
             if party.proc.poll() is None:
                 party.proc.kill()
                 party.proc.wait()
+
+
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct ports the kernel had free a moment ago (bound to port 0, closed)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((HOST, 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def _http_status(port: int, path: str, secret: str) -> int | None:
+    """The status of ``GET path`` on ``HOST:port`` with the bearer ``secret``; None if the
+    server does not answer (yet)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=2)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {secret}"})
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
 
 
 def _agent_cmd(kind: str, binaries: Any, relay_url: str, local_port: int) -> list[str]:
@@ -794,6 +889,15 @@ def run_once(
         if chain == "direct":
             run.write_pids(["server"])
             load = run.start("load", run.python("load", spec, "--port", str(port)))
+        elif chain.startswith("proxy+"):
+            agent_kind = chain.split("+")[1]
+            proxy, tunnel_port, internal_port, secret = run.start_proxy()
+            url = f"ws://{HOST}:{tunnel_port}/tunnel/connect"
+            run.start("agent", _agent_cmd(agent_kind, binaries, url, port))
+            run.wait_http(proxy, internal_port, f"/internal/sessions/{DEVICE}", secret)
+            run.write_pids(["server", "proxy", "agent"])
+            extra = ("--port", str(internal_port), "--prefix", f"/internal/forward/{DEVICE}")
+            load = run.start("load", run.python("load", spec, *extra), {BEARER_ENV: secret})
         else:
             relay_kind, agent_kind = chain.split("+")
             if relay_kind == "py-relay":
@@ -889,7 +993,7 @@ def _print_run(record: dict[str, Any]) -> None:
         print(f"    note: teardown raised after the measurement: {last}", flush=True)
 
 
-PARTY_ORDER = ("load", "relay+load", "relay", "agent", "server", "others")
+PARTY_ORDER = ("load", "relay+load", "relay", "proxy", "agent", "server", "others")
 
 
 def _cpu_text(cpu: Mapping[str, Mapping[str, float]]) -> str:
@@ -1052,7 +1156,10 @@ def _orchestrate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="HTTP through the tunnel chain (loopback): direct vs Python/Go relay+agent."
+        description=(
+            "HTTP through the tunnel chain (loopback): direct vs Python/Go relay+agent "
+            "and the remote-proxy service."
+        )
     )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--chains", default=",".join(CHAINS), help="comma list: " + ",".join(CHAINS))

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
+from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import attrs
@@ -24,11 +25,21 @@ from .httpstream import HttpResponse, forward_http
 from .wsconn import (
     CLOSE_REPLACED,
     DEFAULT_MAX_MESSAGE_SIZE,
-    WebSocketStream,
     receive_websocket_request,
 )
 
 logger = logging.getLogger("visiona_tunnel.relay")
+
+
+class TunnelTransport(Protocol):
+    """What a tunnel runs over: a byte stream whose close carries a WebSocket close code
+    (:class:`~visiona_tunnel.wsconn.WebSocketStream`, or an ASGI WebSocket adapter)."""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None: ...
+    async def wait_send_all_might_not_block(self) -> None: ...
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray: ...
+    async def aclose(self, code: int = 1000, reason: str = "") -> None: ...
+
 
 #: The relay's yamux settings: hashicorp's defaults with a 10 s keepalive.
 RELAY_YAMUX_CONFIG = yamux.Config(keepalive_interval=10.0, keepalive_timeout=30.0)
@@ -37,7 +48,7 @@ RELAY_YAMUX_CONFIG = yamux.Config(keepalive_interval=10.0, keepalive_timeout=30.
 class _CountingStream(trio.abc.Stream):
     """Counts the bytes a tunnel moves each way."""
 
-    def __init__(self, inner: trio.abc.Stream) -> None:
+    def __init__(self, inner: TunnelTransport) -> None:
         self.inner = inner
         self.bytes_in = 0
         self.bytes_out = 0
@@ -76,7 +87,7 @@ class Tunnel:
         self,
         key: str,
         session: yamux.Session,
-        ws: WebSocketStream,
+        ws: TunnelTransport,
         counter: _CountingStream,
         remote_address: str | None,
         uploads: trio.Nursery,
@@ -184,7 +195,7 @@ class TunnelRegistry:
     async def serve(
         self,
         key: str,
-        ws: WebSocketStream,
+        ws: TunnelTransport,
         *,
         remote_address: str | None = None,
         task_status: trio.TaskStatus[Tunnel] = trio.TASK_STATUS_IGNORED,

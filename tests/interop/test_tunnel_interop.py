@@ -137,13 +137,10 @@ async def test_go_agent_200_slow_requests_run_concurrently(
         statuses.append((await fetch(go_tunnel, "GET", f"/slow?ms={delay_ms}")).status)
 
     with trio.fail_after(TEST_TIMEOUT):
-        start = trio.current_time()
         async with trio.open_nursery() as nursery:
             for _ in range(count):
                 nursery.start_soon(one)
-        elapsed = trio.current_time() - start
     assert statuses == [200] * count
-    assert elapsed < count * delay_ms / 1000 / 10, f"{count} requests took {elapsed:.1f} s"
     assert local.app.slow_peak >= count // 2, f"at most {local.app.slow_peak} at once"
 
 

@@ -14,7 +14,11 @@ import trio
 
 from visiona_services.remote_proxy.config import ProxyConfig
 from visiona_services.remote_proxy.state import ProxyState
-from visiona_services.remote_proxy.tunnel_app import create_tunnel_app, tunnel_hypercorn_config
+from visiona_services.remote_proxy.tunnel_app import (
+    TCP_USER_TIMEOUT,
+    create_tunnel_app,
+    tunnel_hypercorn_config,
+)
 from visiona_services.remote_proxy.verify import StaticTokenVerifier, TokenVerifier
 from visiona_tunnel.relay import TunnelDown, TunnelEvent
 
@@ -61,9 +65,11 @@ async def start_tunnel_listener(
     *,
     verifier: TokenVerifier | None = None,
     config: ProxyConfig | None = None,
+    tcp_user_timeout: float = TCP_USER_TIMEOUT,
 ) -> TunnelListener:
     """``create_tunnel_app`` served by hypercorn on 127.0.0.1 (a free port) in ``nursery``,
-    with ``tunnel_hypercorn_config``; ``verifier`` defaults to the static ``tokens``."""
+    with ``tunnel_hypercorn_config`` (and ``tcp_user_timeout``); ``verifier`` defaults to
+    the static ``tokens``."""
     config = attrs.evolve(
         config or ProxyConfig(internal_secret="test-secret"), tunnel_host="127.0.0.1", tunnel_port=0
     )
@@ -72,8 +78,8 @@ async def start_tunnel_listener(
     state.tunnels.add_observer(events)
     app = create_tunnel_app(state, verifier or StaticTokenVerifier(tokens or {}))
     shutdown = trio.Event()
-    serve = partial(
-        hypercorn.trio.serve, app, tunnel_hypercorn_config(config), shutdown_trigger=shutdown.wait
-    )
+    hyper = tunnel_hypercorn_config(config)
+    hyper.tcp_user_timeout = tcp_user_timeout
+    serve = partial(hypercorn.trio.serve, app, hyper, shutdown_trigger=shutdown.wait)
     binds: list[str] = await nursery.start(serve)
     return TunnelListener(state, int(binds[0].rsplit(":", 1)[1]), events, shutdown)

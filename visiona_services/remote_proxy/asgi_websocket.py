@@ -18,7 +18,8 @@ over an ASGI ``receive``/``send`` pair instead of a socket:
 The ASGI server frames, masks and answers pings; it also enforces the message size limit
 (hypercorn: ``websocket_max_message_size``). One caveat of ASGI: an app cannot wait until
 the peer can take more, so ``wait_send_all_might_not_block`` is only a checkpoint
-(``send`` itself blocks while the server writes).
+(``send`` itself blocks while the server writes; hypercorn 0.18 writes in a shielded
+scope, so that wait cannot be cancelled: see ``tunnel_app.TunnelHypercornConfig``).
 
 After ``aclose``, whoever owns the ASGI connection should call :meth:`drain` before it
 returns, so that the peer's close reply is read (see its docstring).

@@ -36,16 +36,17 @@ too small for a Go agent (see :data:`TUNNEL_MAX_MESSAGE_SIZE`).
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Sequence
 from typing import cast
 
 import quart
 import trio
 from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
 from quart_trio import QuartTrio
 
 from visiona_tunnel.relay import token_from_request
-from visiona_tunnel.wsconn import WebSocketStream
 
 from ..common.http import (
     JSON_CONTENT_TYPE,
@@ -73,10 +74,12 @@ from .verify import TokenVerifier, VerifierUnavailable
 
 __all__ = [
     "DRAIN_TIMEOUT",
+    "TCP_USER_TIMEOUT",
     "TUNNEL_MAX_MESSAGE_SIZE",
     "TUNNEL_PATH",
     "VERIFY_TIMEOUT",
     "TunnelEndpoint",
+    "TunnelHypercornConfig",
     "TunnelMiddleware",
     "create_tunnel_app",
     "tunnel_hypercorn_config",
@@ -96,6 +99,9 @@ TUNNEL_MAX_MESSAGE_SIZE = 32 * MiB + 64 * 1024
 VERIFY_TIMEOUT = 10.0
 #: How long, after a tunnel ended, we wait for the agent's close reply.
 DRAIN_TIMEOUT = 10.0
+#: The kernel aborts a tunnel connection whose sent data stays unacknowledged this long
+#: (seconds), see :class:`TunnelHypercornConfig`. The relay's yamux keepalive timeout.
+TCP_USER_TIMEOUT = 30.0
 
 
 def _remote_address(scope: Scope) -> str | None:
@@ -132,7 +138,7 @@ class TunnelEndpoint:
         try:
             # TunnelRegistry.serve is annotated with WebSocketStream but needs only a trio
             # Stream whose aclose takes (code, reason), which this is.
-            await self.state.tunnels.serve(device, cast(WebSocketStream, ws), remote_address=remote)
+            await self.state.tunnels.serve(device, ws, remote_address=remote)
         finally:
             with trio.move_on_after(self.drain_timeout) as drain:
                 await ws.aclose()
@@ -263,10 +269,38 @@ def create_tunnel_app(
 _UPGRADE_HEADERS: Sequence[tuple[str, str]] = (("Upgrade", "websocket"), ("Connection", "Upgrade"))
 
 
-def tunnel_hypercorn_config(config: ProxyConfig) -> HypercornConfig:
+class TunnelHypercornConfig(HypercornConfig):
+    """hypercorn's ``Config``, whose TCP listening sockets get ``TCP_USER_TIMEOUT``
+    (:attr:`tcp_user_timeout` seconds; accepted connections inherit it; Linux only).
+
+    Why: hypercorn writes to the socket inside a shielded cancel scope, so an agent that
+    stops reading (its receive window stays at zero) blocks our sends for good: yamux's
+    write timeout cancels its writer in vain, the tunnel never ends, and the server's
+    shutdown waits forever. With the option the kernel aborts such a connection (it also
+    applies to zero-window probes; checked on Linux 6.18), the send fails and the tunnel
+    ends. A peer that vanished without a trace is dropped in that time too, instead of
+    after ``tcp_retries2`` (about 15 minutes).
+    """
+
+    tcp_user_timeout: float | None = TCP_USER_TIMEOUT
+
+    def create_sockets(self) -> Sockets:
+        sockets = super().create_sockets()
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if self.tcp_user_timeout is not None and option is not None:
+            milliseconds = max(1, round(self.tcp_user_timeout * 1000))
+            for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, option, milliseconds)
+        return sockets
+
+
+def tunnel_hypercorn_config(config: ProxyConfig) -> TunnelHypercornConfig:
     """hypercorn settings for the tunnel listener (``VISIONA_TUNNEL_HOST``/``PORT``).
 
     * ``websocket_max_message_size``: :data:`TUNNEL_MAX_MESSAGE_SIZE` (hypercorn: 16 MiB).
+    * ``TCP_USER_TIMEOUT`` :data:`TCP_USER_TIMEOUT` on the sockets (see
+      :class:`TunnelHypercornConfig`).
     * No WebSocket pings from hypercorn (yamux pings every 10 s); HTTP keep-alive 5 s
       (only ``/healthz`` uses it).
     * No access log; hypercorn's errors go to ``logging`` (``hypercorn.error``); no
@@ -276,7 +310,7 @@ def tunnel_hypercorn_config(config: ProxyConfig) -> HypercornConfig:
     * ``max_app_queue_size`` stays 10 messages per connection: our backpressure on an
       agent (its yamux windows bound what it may send anyway).
     """
-    hyper = HypercornConfig()
+    hyper = TunnelHypercornConfig()
     host, port = config.tunnel_host, config.tunnel_port
     hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hyper.websocket_max_message_size = TUNNEL_MAX_MESSAGE_SIZE

@@ -422,14 +422,10 @@ async def test_200_slow_forwards_run_concurrently(
         statuses.append(response.status)
 
     with trio.fail_after(TEST_TIMEOUT):
-        start = trio.current_time()
         async with trio.open_nursery() as nursery:
             for _ in range(count):
                 nursery.start_soon(one)
-        elapsed = trio.current_time() - start
     assert statuses == [200] * count
-    serial = count * delay_ms / 1000
-    assert elapsed < serial / 10, f"{count} forwards took {elapsed:.1f} s"
     assert local.app.slow_peak >= count // 2, f"at most {local.app.slow_peak} at once"
 
 

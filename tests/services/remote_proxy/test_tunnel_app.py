@@ -9,8 +9,10 @@ hooks and registry events, each bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 from typing import Any
 
 import pytest
@@ -264,6 +266,13 @@ async def test_healthz_counts_sessions(listener: TunnelListener, tunnel: Tunnel)
     assert json.loads(response.body) == {"success": True, "data": {"status": "ok", "sessions": 1}}
 
 
+async def test_quart_responses_carry_the_request_id(listener: TunnelListener) -> None:
+    response = await http_request(
+        listener.port, "GET", "/healthz", headers=[("connection", "close"), ("x-request-id", "r-7")]
+    )
+    assert response.headers["x-request-id"] == "r-7"
+
+
 async def test_healthz_while_draining_is_503(listener: TunnelListener) -> None:
     listener.state.draining.set()
     response = await http_request(listener.port, "GET", "/healthz")
@@ -334,3 +343,28 @@ async def test_agent_still_writing_gets_our_close_code(listener: TunnelListener)
             assert info.value.code == CLOSE_REPLACED
             # Our close reply went out with that read; the server ends the connection.
             assert await ws.transport.receive_some(1024) == b""
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="needs TCP_USER_TIMEOUT")
+async def test_agent_that_stops_reading_is_dropped(nursery: trio.Nursery) -> None:
+    # hypercorn's socket writes cannot be cancelled; the kernel's TCP_USER_TIMEOUT ends
+    # the connection once the agent's receive window has stayed at zero that long.
+    listener = await start_tunnel_listener(nursery, {TOKEN: DEVICE}, tcp_user_timeout=1.0)
+    with trio.fail_after(TEST_TIMEOUT):
+        ws = await connect_websocket_stream(f"{listener.url}?token={TOKEN}")
+        assert isinstance(ws.transport, trio.SocketStream)
+        ws.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        async with ws:  # never read
+            tunnel = await listener.state.tunnels.wait_for(DEVICE)
+
+            async def push() -> None:
+                with contextlib.suppress(trio.BrokenResourceError):
+                    stream = await tunnel.open_raw()
+                    await stream.send_all(b"x" * 256 * 1024)
+
+            async with trio.open_nursery() as pushers:
+                for _ in range(100):
+                    pushers.start_soon(push)
+                down = await listener.events.next_down(timeout=TEST_TIMEOUT)
+    assert (down.key, down.tunnel) == (DEVICE, tunnel)
+    assert len(listener.state.tunnels) == 0
