@@ -25,12 +25,18 @@ async def run(config: ProxyConfig) -> None:
 
 
 def main() -> int:
+    # JSON lines from the first one on: reading the configuration may log already.
+    configure_logging("info")
     try:
         config = ProxyConfig.from_env()
     except ConfigError as exc:
         print(f"visiona-remote-proxy: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level)
+    try:
+        configure_logging(config.log_level)
+    except ValueError as exc:
+        print(f"visiona-remote-proxy: VISIONA_LOG_LEVEL: {exc}", file=sys.stderr)
+        return 2
     trio.run(run, config)
     return 0
 
