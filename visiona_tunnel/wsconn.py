@@ -40,6 +40,8 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import CloseReason
 
+from .conflict import ConflictDetector
+
 #: Close code a relay uses when a newer tunnel for the same device replaces this one.
 CLOSE_REPLACED = 4001
 #: The largest message accepted by default: a Go yamux peer sends a Data frame as large as
@@ -150,22 +152,6 @@ class WebSocketRejected(Exception):
         self.body = body
 
 
-class _ConflictDetector:
-    __slots__ = ("_busy", "_message")
-
-    def __init__(self, message: str) -> None:
-        self._message = message
-        self._busy = False
-
-    def __enter__(self) -> None:
-        if self._busy:
-            raise trio.BusyResourceError(self._message)
-        self._busy = True
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._busy = False
-
-
 class WebSocketStream(trio.abc.Stream):
     """Bytes over an open WebSocket, driven by wsproto on ``transport``.
 
@@ -199,8 +185,8 @@ class WebSocketStream(trio.abc.Stream):
         #: The close code the peer sent (or 1006 if the connection broke), once known.
         self.close_code: int | None = None
         self.close_reason = ""
-        self._receive_conflict = _ConflictDetector("another task is receiving on this WebSocket")
-        self._send_conflict = _ConflictDetector("another task is sending on this WebSocket")
+        self._receive_conflict = ConflictDetector("another task is receiving on this WebSocket")
+        self._send_conflict = ConflictDetector("another task is sending on this WebSocket")
         self._handle_events()  # the handshake's read may already hold messages
 
     # -- receiving -------------------------------------------------------------------------
@@ -546,8 +532,8 @@ class TrioWebSocketStream(trio.abc.Stream):
         self.connection = connection
         self._chunk = b""
         self._eof = False
-        self._receive_conflict = _ConflictDetector("another task is receiving on this WebSocket")
-        self._send_conflict = _ConflictDetector("another task is sending on this WebSocket")
+        self._receive_conflict = ConflictDetector("another task is receiving on this WebSocket")
+        self._send_conflict = ConflictDetector("another task is sending on this WebSocket")
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None and operator.index(max_bytes) < 1:

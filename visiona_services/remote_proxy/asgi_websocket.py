@@ -35,6 +35,7 @@ from collections import deque
 import trio
 from wsproto.frame_protocol import CloseReason
 
+from visiona_tunnel.conflict import ConflictDetector
 from visiona_tunnel.wsconn import WebSocketClosed
 
 from ..common.http import Message, Receive, Send
@@ -42,22 +43,6 @@ from ..common.http import Message, Receive, Send
 _EOF_CODES = frozenset({CloseReason.NORMAL_CLOSURE, CloseReason.GOING_AWAY})
 #: How long ``aclose`` waits for the server to take the close message.
 CLOSE_TIMEOUT = 5.0
-
-
-class _ConflictDetector:
-    __slots__ = ("_busy", "_message")
-
-    def __init__(self, message: str) -> None:
-        self._message = message
-        self._busy = False
-
-    def __enter__(self) -> None:
-        if self._busy:
-            raise trio.BusyResourceError(self._message)
-        self._busy = True
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._busy = False
 
 
 class AsgiWebSocketStream(trio.abc.Stream):
@@ -81,8 +66,8 @@ class AsgiWebSocketStream(trio.abc.Stream):
         #: The code of the ``websocket.disconnect`` (or of our own close), once known.
         self.close_code: int | None = None
         self.close_reason = ""
-        self._receive_conflict = _ConflictDetector("another task is receiving on this WebSocket")
-        self._send_conflict = _ConflictDetector("another task is sending on this WebSocket")
+        self._receive_conflict = ConflictDetector("another task is receiving on this WebSocket")
+        self._send_conflict = ConflictDetector("another task is sending on this WebSocket")
 
     # -- receiving -------------------------------------------------------------------------
 

@@ -8,28 +8,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..conflict import ConflictDetector
 from .errors import StreamReset
 
 if TYPE_CHECKING:
     from .session import Session
-
-
-class _ConflictDetector:
-    """Raise ``trio.BusyResourceError`` when two tasks use one direction at once."""
-
-    __slots__ = ("_busy", "_message")
-
-    def __init__(self, message: str) -> None:
-        self._message = message
-        self._busy = False
-
-    def __enter__(self) -> None:
-        if self._busy:
-            raise trio.BusyResourceError(self._message)
-        self._busy = True
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._busy = False
 
 
 class Stream(trio.abc.HalfCloseableStream):
@@ -53,8 +36,8 @@ class Stream(trio.abc.HalfCloseableStream):
         self._closed = False  # aclose() was called
         self._receive_waiter: trio.Event | None = None
         self._send_waiter: trio.Event | None = None
-        self._receive_conflict = _ConflictDetector("another task is receiving on this stream")
-        self._send_conflict = _ConflictDetector("another task is sending on this stream")
+        self._receive_conflict = ConflictDetector("another task is receiving on this stream")
+        self._send_conflict = ConflictDetector("another task is sending on this stream")
 
     def __repr__(self) -> str:
         return f"<yamux Stream {self.stream_id}>"
