@@ -26,6 +26,18 @@ def _positive(instance: object, attribute: attrs.Attribute[float], value: float)
         raise ValueError(f"{variable}: must be positive, got {value}")
 
 
+#: The tunnel listener's implementations (``VISIONA_TUNNEL_SERVER``): our own on trio
+#: sockets (h11 + wsproto), or hypercorn with the Quart app.
+TUNNEL_SERVERS = ("raw", "hypercorn")
+
+
+def _tunnel_server(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value not in TUNNEL_SERVERS:
+        variable = attribute.metadata.get("env", attribute.name)
+        expected = " or ".join(repr(name) for name in TUNNEL_SERVERS)
+        raise ValueError(f"{variable}: expected {expected}, got {value!r}")
+
+
 def parse_static_tokens(text: str) -> dict[str, str]:
     """``"tokenA=device-1,tokenB=device-2"`` -> ``{"tokenA": "device-1", ...}``."""
     tokens: dict[str, str] = {}
@@ -42,6 +54,10 @@ class ProxyConfig:
     tunnel_host: str = attrs.field(default="0.0.0.0", metadata=env("VISIONA_TUNNEL_HOST"))
     tunnel_port: int = attrs.field(
         default=3800, validator=_port, metadata=env("VISIONA_TUNNEL_PORT")
+    )
+    #: Which server runs the tunnel listener: ``raw`` (ours) or ``hypercorn``.
+    tunnel_server: str = attrs.field(
+        default="raw", validator=_tunnel_server, metadata=env("VISIONA_TUNNEL_SERVER")
     )
     internal_host: str = attrs.field(
         default="127.0.0.1", metadata=env("VISIONA_PROXY_INTERNAL_HOST")

@@ -1,5 +1,7 @@
-"""The remote-proxy process: the tunnel listener and the internal listener, two hypercorn
-servers in one trio process, sharing one :class:`ProxyState`.
+"""The remote-proxy process: the tunnel listener and the internal listener in one trio
+process, sharing one :class:`ProxyState`. The internal listener is a hypercorn server; the
+tunnel listener is ours (:func:`.tunnel_listener.serve_tunnel_listener_raw`) or, with
+``VISIONA_TUNNEL_SERVER=hypercorn``, the Quart app on hypercorn (:mod:`.tunnel_app`).
 
 Shutdown (``RunningProxy.stop()``, SIGTERM in ``__main__``): stop accepting tunnels and
 forwards, send GoAway to every agent, let in-flight forwards finish for up to
@@ -12,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import attrs
 import hypercorn.trio
@@ -24,6 +26,7 @@ from .config import ProxyConfig
 from .internal_app import create_internal_app, internal_hypercorn_config
 from .state import ProxyState
 from .tunnel_app import create_tunnel_app, tunnel_hypercorn_config
+from .tunnel_listener import GRACEFUL_TIMEOUT, serve_tunnel_listener_raw
 from .verify import verifier_from_config
 
 logger = logging.getLogger("visiona_services.remote_proxy")
@@ -47,12 +50,7 @@ async def serve_remote_proxy(
     servers_done = trio.Event()
     async with trio.open_nursery() as nursery:
         tunnel_urls = await nursery.start(
-            functools.partial(
-                hypercorn.trio.serve,
-                create_tunnel_app(state, verifier_from_config(config)),
-                tunnel_hypercorn_config(config),
-                shutdown_trigger=servers_done.wait,
-            )
+            _tunnel_server(config, state, shutdown_trigger=servers_done.wait)
         )
         internal_urls = await nursery.start(
             functools.partial(
@@ -67,6 +65,31 @@ async def serve_remote_proxy(
         await stopping.wait()
         await drain(state, config.shutdown_grace)
         servers_done.set()
+
+
+def _tunnel_server(
+    config: ProxyConfig, state: ProxyState, *, shutdown_trigger: Callable[[], Awaitable[None]]
+) -> Callable[..., Awaitable[None]]:
+    """The tunnel listener that ``config.tunnel_server`` names, for ``nursery.start``
+    (started with the bound URLs)."""
+    verifier = verifier_from_config(config)
+    if config.tunnel_server == "hypercorn":
+        hyper = tunnel_hypercorn_config(config)
+        return functools.partial(
+            hypercorn.trio.serve,
+            create_tunnel_app(state, verifier),
+            hyper,
+            shutdown_trigger=shutdown_trigger,
+        )
+    return functools.partial(
+        serve_tunnel_listener_raw,
+        state,
+        verifier,
+        host=config.tunnel_host,
+        port=config.tunnel_port,
+        shutdown_trigger=shutdown_trigger,
+        graceful_timeout=min(GRACEFUL_TIMEOUT, config.shutdown_grace),
+    )
 
 
 async def drain(state: ProxyState, grace: float) -> None:

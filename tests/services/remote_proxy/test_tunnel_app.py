@@ -1,10 +1,12 @@
-"""The tunnel listener served by hypercorn, with our agent (``TunnelClient``) dialling it:
-token checks before the upgrade, one tunnel per device, replacement, draining, health,
-metrics, and traffic through the tunnel to the agent's local server.
+"""The tunnel listener, with our agent (``TunnelClient``) dialling it: token checks before
+the upgrade, one tunnel per device, replacement, draining, health, metrics, and traffic
+through the tunnel to the agent's local server.
 
-The listener is ``support.tunnelapp`` (``create_tunnel_app`` + ``tunnel_hypercorn_config``
-on 127.0.0.1); the agent's local server is ``support.tunnelhttp.LocalApp``. Waits are on
-hooks and registry events, each bounded.
+Every test runs against both implementations (the ``server`` fixture): ``create_tunnel_app``
++ ``tunnel_hypercorn_config`` on hypercorn, and ``serve_tunnel_listener_raw``, through
+``support.tunnelapp`` on 127.0.0.1; ``test_hypercorn_config`` is about hypercorn only. The
+agent's local server is ``support.tunnelhttp.LocalApp``. Waits are on hooks and registry
+events, each bounded.
 """
 
 from __future__ import annotations
@@ -15,15 +17,18 @@ import logging
 import socket
 from typing import Any
 
+import h11
 import pytest
 import trio
 from support.data import pattern, pattern_body, pattern_sha256
 from support.pyagent import PyAgent, start_py_agent
 from support.pyrelay import fetch, fetch_digest
-from support.tunnelapp import TunnelListener, start_tunnel_listener
+from support.tunnelapp import TUNNEL_SERVERS, TunnelListener, start_tunnel_listener
 from support.tunnelhttp import LocalServer, http_request, start_local_server
 
+from visiona_services.common.envconfig import ConfigError
 from visiona_services.remote_proxy.config import ProxyConfig
+from visiona_services.remote_proxy.service import RunningProxy, serve_remote_proxy
 from visiona_services.remote_proxy.tunnel_app import (
     TUNNEL_MAX_MESSAGE_SIZE,
     tunnel_hypercorn_config,
@@ -49,14 +54,21 @@ TEST_TIMEOUT = 30.0
 NO_RETRY = ClientConfig(backoff_base=600.0, backoff_cap=600.0, connect_timeout=5.0)
 
 
+@pytest.fixture(params=TUNNEL_SERVERS)
+def server(request: pytest.FixtureRequest) -> str:
+    """Which tunnel listener: ``"hypercorn"`` or ``"raw"``."""
+    name: str = request.param
+    return name
+
+
 @pytest.fixture
 async def local(nursery: trio.Nursery) -> LocalServer:
     return await start_local_server(nursery, "local-1")
 
 
 @pytest.fixture
-async def listener(nursery: trio.Nursery) -> TunnelListener:
-    return await start_tunnel_listener(nursery, {TOKEN: DEVICE})
+async def listener(nursery: trio.Nursery, server: str) -> TunnelListener:
+    return await start_tunnel_listener(nursery, {TOKEN: DEVICE}, server=server)
 
 
 @pytest.fixture
@@ -286,6 +298,93 @@ async def test_plain_get_of_the_tunnel_path_is_426(listener: TunnelListener) -> 
     assert json.loads(response.body)["error"]["code"] == "UPGRADE_REQUIRED"
 
 
+async def test_unknown_path_is_404_with_the_envelope(listener: TunnelListener) -> None:
+    response = await http_request(listener.port, "GET", "/nope")
+    assert response.status == 404
+    assert json.loads(response.body)["error"]["code"] == "NOT_FOUND"
+    assert response.headers["x-request-id"]
+
+
+async def test_post_to_healthz_is_405(listener: TunnelListener) -> None:
+    response = await http_request(listener.port, "POST", "/healthz", body=b"{}")
+    assert response.status == 405
+    assert json.loads(response.body)["error"]["code"] == "METHOD_NOT_ALLOWED"
+    assert "GET" in response.headers["allow"]
+
+
+async def test_healthz_keeps_the_connection_alive(listener: TunnelListener) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        stream = await trio.open_tcp_stream("127.0.0.1", listener.port)
+        async with stream:
+            conn = h11.Connection(h11.CLIENT)
+            for _ in range(2):
+                request = h11.Request(method="GET", target="/healthz", headers=[("host", "x")])
+                await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
+                events: list[h11.Event] = []
+                while not events or not isinstance(events[-1], h11.EndOfMessage):
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        conn.receive_data(await stream.receive_some(64 * 1024))
+                    else:
+                        assert isinstance(event, h11.Event), event
+                        events.append(event)
+                response = events[0]
+                assert isinstance(response, h11.Response)
+                assert response.status_code == 200
+                conn.start_next_cycle()
+
+
+async def test_upgrade_without_a_websocket_key_is_400(listener: TunnelListener) -> None:
+    headers = [("connection", "Upgrade"), ("upgrade", "websocket")]
+    response = await http_request(
+        listener.port, "GET", f"/tunnel/connect?token={TOKEN}", headers=headers
+    )
+    assert response.status == 400
+    assert listener.state.metrics.auth_failures.value() == 0
+
+
+async def test_raw_listener_shuts_down_with_idle_connections(nursery: trio.Nursery) -> None:
+    listener = await start_tunnel_listener(nursery, {TOKEN: DEVICE}, server="raw")
+    with trio.fail_after(TEST_TIMEOUT):
+        stream = await trio.open_tcp_stream("127.0.0.1", listener.port)
+        async with stream:
+            listener.shutdown.set()
+            # the idle connection is closed (within the handshake timeout, not at it)
+            with trio.fail_after(2):
+                assert await stream.receive_some(1024) == b""
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", listener.port)
+
+
+def test_tunnel_server_is_configurable() -> None:
+    base = {"VISIONA_INTERNAL_SECRET": "s"}
+    assert ProxyConfig.from_env(base).tunnel_server == "raw"
+    env = {**base, "VISIONA_TUNNEL_SERVER": "hypercorn"}
+    assert ProxyConfig.from_env(env).tunnel_server == "hypercorn"
+    with pytest.raises(ConfigError, match="VISIONA_TUNNEL_SERVER"):
+        ProxyConfig.from_env({**base, "VISIONA_TUNNEL_SERVER": "nginx"})
+
+
+@pytest.mark.parametrize("tunnel_server", TUNNEL_SERVERS)
+async def test_service_runs_the_configured_tunnel_listener(
+    nursery: trio.Nursery, tunnel_server: str
+) -> None:
+    config = ProxyConfig(
+        internal_secret="s",
+        tunnel_host="127.0.0.1",
+        tunnel_port=0,
+        internal_port=0,
+        tunnel_server=tunnel_server,
+    )
+    with trio.fail_after(TEST_TIMEOUT):
+        proxy: RunningProxy = await nursery.start(serve_remote_proxy, config)
+        port = int(proxy.tunnel_urls[0].rsplit(":", 1)[1])
+        assert proxy.tunnel_urls == [f"http://127.0.0.1:{port}"]
+        response = await http_request(port, "GET", "/healthz")
+        assert response.status == 200
+        proxy.stop()
+
+
 def test_hypercorn_config() -> None:
     config = tunnel_hypercorn_config(ProxyConfig(tunnel_host="::", tunnel_port=3800))
     assert config.bind == ["[::]:3800"]
@@ -298,10 +397,12 @@ def test_hypercorn_config() -> None:
 
 
 async def test_api_server_verified_agent_comes_up(
-    nursery: trio.Nursery, local: LocalServer
+    nursery: trio.Nursery, local: LocalServer, server: str
 ) -> None:
     api = await start_fake_api_server(nursery)
-    listener = await start_tunnel_listener(nursery, verifier=ApiServerVerifier(api.url, "s"))
+    listener = await start_tunnel_listener(
+        nursery, verifier=ApiServerVerifier(api.url, "s"), server=server
+    )
     with trio.fail_after(TEST_TIMEOUT):
         agent = await start_py_agent(nursery, listener.url, "good-9", local.port)
         await agent.hooks.wait_for("session_up")
@@ -310,17 +411,21 @@ async def test_api_server_verified_agent_comes_up(
     agent.client.stop()
 
 
-async def test_api_server_refusal_is_401(nursery: trio.Nursery) -> None:
+async def test_api_server_refusal_is_401(nursery: trio.Nursery, server: str) -> None:
     api = await start_fake_api_server(nursery)
-    listener = await start_tunnel_listener(nursery, verifier=ApiServerVerifier(api.url, "s"))
+    listener = await start_tunnel_listener(
+        nursery, verifier=ApiServerVerifier(api.url, "s"), server=server
+    )
     rejection = await refused(f"{listener.url}?token=status-404")
     assert rejection.status_code == 401
     assert listener.state.metrics.auth_failures.value() == 1
 
 
-async def test_api_server_failure_is_503_not_401(nursery: trio.Nursery) -> None:
+async def test_api_server_failure_is_503_not_401(nursery: trio.Nursery, server: str) -> None:
     api = await start_fake_api_server(nursery)
-    listener = await start_tunnel_listener(nursery, verifier=ApiServerVerifier(api.url, "s"))
+    listener = await start_tunnel_listener(
+        nursery, verifier=ApiServerVerifier(api.url, "s"), server=server
+    )
     rejection = await refused(f"{listener.url}?token=status-500")
     assert rejection.status_code == 503
     assert envelope(rejection)["error"]["code"] == "AUTH_UNAVAILABLE"
@@ -329,7 +434,8 @@ async def test_api_server_failure_is_503_not_401(nursery: trio.Nursery) -> None:
 
 async def test_agent_still_writing_gets_our_close_code(listener: TunnelListener) -> None:
     # hypercorn closes the connection when the app returns; unless the app waits for the
-    # agent's close reply, an agent still writing gets a reset instead of close 4001.
+    # agent's close reply, an agent still writing gets a reset instead of close 4001. (The
+    # raw listener half-closes and reads until the agent closes.)
     with trio.fail_after(TEST_TIMEOUT):
         ws = await connect_websocket_stream(f"{listener.url}?token={TOKEN}")
         async with ws:
@@ -346,10 +452,13 @@ async def test_agent_still_writing_gets_our_close_code(listener: TunnelListener)
 
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="needs TCP_USER_TIMEOUT")
-async def test_agent_that_stops_reading_is_dropped(nursery: trio.Nursery) -> None:
+async def test_agent_that_stops_reading_is_dropped(nursery: trio.Nursery, server: str) -> None:
     # hypercorn's socket writes cannot be cancelled; the kernel's TCP_USER_TIMEOUT ends
-    # the connection once the agent's receive window has stayed at zero that long.
-    listener = await start_tunnel_listener(nursery, {TOKEN: DEVICE}, tcp_user_timeout=1.0)
+    # the connection once the agent's receive window has stayed at zero that long. (The
+    # raw listener's writes can be, and it sets the option too.)
+    listener = await start_tunnel_listener(
+        nursery, {TOKEN: DEVICE}, tcp_user_timeout=1.0, server=server
+    )
     with trio.fail_after(TEST_TIMEOUT):
         ws = await connect_websocket_stream(f"{listener.url}?token={TOKEN}")
         assert isinstance(ws.transport, trio.SocketStream)
