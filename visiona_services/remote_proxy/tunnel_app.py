@@ -70,7 +70,7 @@ from ..common.http import (
 from .asgi_websocket import AsgiWebSocketStream
 from .config import ProxyConfig
 from .state import ProxyState
-from .verify import TokenVerifier, VerifierUnavailable
+from .verify import Refusal, TokenVerifier, admit
 
 __all__ = [
     "DRAIN_TIMEOUT",
@@ -150,33 +150,15 @@ class TunnelEndpoint:
 
     async def _admit(self, scope: Scope, send: Send, remote: str | None) -> str | None:
         """The device id to serve, or None after sending the refusal."""
-        if self.state.draining.is_set():
-            await _refuse(scope, send, 503, "DRAINING", "the proxy is shutting down; retry later")
-            return None
         target = "?" + bytes(scope.get("query_string", b"")).decode("latin-1")
         token = token_from_request(target, scope.get("headers", []))
-        device: str | None = None
-        if token:
-            try:
-                with trio.fail_after(self.verify_timeout):
-                    device = await self.verifier(token)
-            except (VerifierUnavailable, trio.TooSlowError) as exc:
-                logger.warning(
-                    "tunnel refused: token check unavailable",
-                    extra={"remote": remote, "error": str(exc) or "timed out"},
-                )
-                await _refuse(scope, send, 503, "AUTH_UNAVAILABLE", "cannot check tokens now")
-                return None
-        if device is None:
-            self.state.metrics.auth_failures.inc()
-            reason = "unknown" if token else "missing"
-            logger.info("tunnel refused: %s token", reason, extra={"remote": remote})
-            await _refuse(scope, send, 401, "UNAUTHORIZED", "a valid device token is required")
+        admitted = await admit(
+            self.state, self.verifier, token, timeout=self.verify_timeout, remote=remote
+        )
+        if isinstance(admitted, Refusal):
+            await _refuse(scope, send, admitted.status, admitted.code, admitted.message)
             return None
-        if self.state.draining.is_set():  # it may have begun while we verified
-            await _refuse(scope, send, 503, "DRAINING", "the proxy is shutting down; retry later")
-            return None
-        return device
+        return admitted
 
 
 def _request_id_header() -> tuple[bytes, bytes]:

@@ -56,7 +56,7 @@ from .tunnel_app import (
     TUNNEL_PATH,
     VERIFY_TIMEOUT,
 )
-from .verify import TokenVerifier, VerifierUnavailable
+from .verify import Refusal, TokenVerifier, admit
 
 __all__ = [
     "GRACEFUL_TIMEOUT",
@@ -325,32 +325,15 @@ class _Handler:
             message = f"not a WebSocket upgrade: {exc}"
             await _refuse(tcp, conn, 400, "BAD_REQUEST", message)
             return None
-        if self.state.draining.is_set():
-            await _refuse(tcp, conn, 503, "DRAINING", "the proxy is shutting down; retry later")
-            return None
         target = request.target.decode("latin-1")
         token = token_from_request(target, request.headers)
-        device: str | None = None
-        if token:
-            try:
-                with trio.fail_after(self.verify_timeout):
-                    device = await self.verifier(token)
-            except (VerifierUnavailable, trio.TooSlowError) as exc:
-                logger.warning(
-                    "tunnel refused: token check unavailable",
-                    extra={"remote": remote, "error": str(exc) or "timed out"},
-                )
-                await _refuse(tcp, conn, 503, "AUTH_UNAVAILABLE", "cannot check tokens now")
-                return None
-        if device is None:
-            self.state.metrics.auth_failures.inc()
-            reason = "unknown" if token else "missing"
-            logger.info("tunnel refused: %s token", reason, extra={"remote": remote})
-            await _refuse(tcp, conn, 401, "UNAUTHORIZED", "a valid device token is required")
+        admitted = await admit(
+            self.state, self.verifier, token, timeout=self.verify_timeout, remote=remote
+        )
+        if isinstance(admitted, Refusal):
+            await _refuse(tcp, conn, admitted.status, admitted.code, admitted.message)
             return None
-        if self.state.draining.is_set():  # it may have begun while we verified
-            await _refuse(tcp, conn, 503, "DRAINING", "the proxy is shutting down; retry later")
-            return None
+        device = admitted
         return device, WebSocketRequest(tcp, ws, ws_request)
 
 

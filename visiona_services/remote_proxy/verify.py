@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import urlsplit
 
+import attrs
 import trio
 
 from visiona_tunnel.httpstream import forward_http
 
 from .config import ProxyConfig
+
+if TYPE_CHECKING:
+    from .state import ProxyState
 
 logger = logging.getLogger("visiona_services.remote_proxy.verify")
 
@@ -181,3 +185,55 @@ __all__ = [
     "VerifierUnavailable",
     "verifier_from_config",
 ]
+
+
+@attrs.frozen
+class Refusal:
+    """Why a tunnel upgrade is refused: the HTTP answer, before any upgrade."""
+
+    status: int
+    code: str
+    message: str
+
+
+DRAINING = Refusal(503, "DRAINING", "the proxy is shutting down; retry later")
+AUTH_UNAVAILABLE = Refusal(503, "AUTH_UNAVAILABLE", "cannot check tokens now")
+UNAUTHORIZED = Refusal(401, "UNAUTHORIZED", "a valid device token is required")
+
+
+async def admit(
+    state: ProxyState,
+    verifier: TokenVerifier,
+    token: str | None,
+    *,
+    timeout: float,
+    remote: str | None,
+) -> str | Refusal:
+    """The device id a tunnel with ``token`` is served as, or why it is refused.
+
+    Both tunnel listeners (hypercorn and raw) decide with this and only differ in how they
+    send the refusal. A missing and an unknown token are refused alike (and counted); a
+    verifier that fails or takes longer than ``timeout`` is a 503, not a 401.
+    """
+    if state.draining.is_set():
+        return DRAINING
+    device: str | None = None
+    if token:
+        try:
+            with trio.fail_after(timeout):
+                device = await verifier(token)
+        except (VerifierUnavailable, trio.TooSlowError) as exc:
+            logger.warning(
+                "tunnel refused: token check unavailable",
+                extra={"remote": remote, "error": str(exc) or "timed out"},
+            )
+            return AUTH_UNAVAILABLE
+    if device is None:
+        state.metrics.auth_failures.inc()
+        logger.info(
+            "tunnel refused: %s token", "unknown" if token else "missing", extra={"remote": remote}
+        )
+        return UNAUTHORIZED
+    if state.draining.is_set():  # it may have begun while we verified
+        return DRAINING
+    return device
