@@ -148,3 +148,33 @@ async def test_agent_exits_0_on_signal_after_the_session_was_up(
     assert [line.get("signal") for line in stopping] == [signum.name]
     with trio.fail_after(LINE_TIMEOUT):
         await down.wait()  # the agent closed its tunnel on the way out
+
+
+def test_local_address_parses_host_and_port() -> None:
+    from visiona_tunnel.client import parse_local_addr
+
+    assert parse_local_addr("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert parse_local_addr("[::1]:80") == ("::1", 80)
+    assert parse_local_addr(":9000") == ("127.0.0.1", 9000)
+
+
+def test_a_local_address_without_a_valid_port_is_refused() -> None:
+    import pytest
+
+    from visiona_tunnel.client import parse_local_addr
+
+    for bad in ("localhost", "host:", "host:http", "host:70000"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            parse_local_addr(bad)
+
+
+def test_client_state_compares_equal_to_its_name() -> None:
+    from visiona_tunnel.client import ClientState
+
+    assert ClientState.ONLINE == "online"
+    assert [state.value for state in ClientState] == [
+        "connecting",
+        "online",
+        "reconnecting",
+        "stopped",
+    ]

@@ -18,7 +18,7 @@ import time
 
 import trio
 
-from .client import ClientConfig, TunnelClient
+from .client import ClientConfig, TunnelClient, parse_local_addr
 
 TOKEN_ENV = "VISIONA_AGENT_TOKEN"
 logger = logging.getLogger("visiona_tunnel.agent")
@@ -42,10 +42,10 @@ class JsonLineFormatter(logging.Formatter):
 
 
 def parse_address(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    try:
+        return parse_local_addr(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:

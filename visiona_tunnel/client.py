@@ -39,7 +39,9 @@ logger = logging.getLogger("visiona_tunnel.client")
 TUNNEL_YAMUX_CONFIG = yamux.Config(keepalive_interval=10.0, keepalive_timeout=30.0)
 
 
-class ClientState(enum.Enum):
+class ClientState(enum.StrEnum):
+    """Compares equal to its value: ``client.state == "online"``."""
+
     CONNECTING = "connecting"
     ONLINE = "online"
     RECONNECTING = "reconnecting"
@@ -84,6 +86,14 @@ class ClientConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
 
 
+def parse_local_addr(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:8080"`` (or ``"[::1]:8080"``) -> ``("127.0.0.1", 8080)``."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
 class TunnelClient:
     """Keep a tunnel to ``relay_url`` up and serve it from ``local_addr``.
 
@@ -95,14 +105,16 @@ class TunnelClient:
         self,
         relay_url: str,
         token: str,
-        local_addr: tuple[str, int],
+        local_addr: tuple[str, int] | str,
         *,
         hooks: ClientHooks | None = None,
         config: ClientConfig | None = None,
     ) -> None:
         self.relay_url = relay_url
         self.token = token
-        self.local_addr = local_addr
+        self.local_addr = (
+            parse_local_addr(local_addr) if isinstance(local_addr, str) else local_addr
+        )
         self.hooks = hooks or ClientHooks()
         self.config = config or ClientConfig()
         self._state = ClientState.CONNECTING
