@@ -13,6 +13,7 @@ import trio
 import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from trio.testing import wait_all_tasks_blocked
 from wsproto import ConnectionType
 from wsproto.connection import Connection
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
@@ -311,3 +312,72 @@ def test_the_fast_masker_unmasks_split_payloads_like_wsproto(data: list[bytes], 
         reference += bytes(b ^ reference_key[(len(reference) + i) % 4] for i, b in enumerate(piece))
     assert b"".join(bytes(fast.process(bytearray(piece))) for piece in data) == reference
     assert XorMaskerNull().process(bytearray(b"abc")) == b"abc"
+
+
+# -- control frames owed while a write is in progress ---------------------------------------
+
+
+class Gated(trio.abc.Stream):
+    """Wraps a transport; writes wait while the gate is closed."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.gate = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.gate.wait()
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def _control_owed_during_a_write(event: Ping | CloseConnection) -> list[object]:
+    """The peer sends ``event`` while our send_all is in the middle of a write; the write
+    then completes and nothing else is sent. Returns every event the peer receives."""
+    client, peer = await client_and_raw_server()
+    gated = Gated(client.transport)
+    client.transport = gated
+    received: list[object] = []
+
+    async def peer_reader() -> None:
+        while True:
+            data = await peer.transport.receive_some()
+            if not data:
+                return
+            peer.ws.receive_data(bytes(data))
+            received.extend(peer.ws.events())
+
+    async def client_reader() -> None:
+        while await client.receive_some():
+            pass
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer_reader)
+            nursery.start_soon(client.send_all, b"payload")  # held in the transport
+            await wait_all_tasks_blocked()
+            await peer.send(event)
+            nursery.start_soon(client_reader)  # reads the ping/close while the write is busy
+            await wait_all_tasks_blocked()
+            gated.gate.set()  # the write completes
+            await wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    assert any(isinstance(e, BytesMessage) for e in received)  # the write did complete
+    return received
+
+
+async def test_a_ping_received_during_a_write_is_answered() -> None:
+    received = await _control_owed_during_a_write(Ping(payload=b"are you there"))
+    assert Pong(payload=b"are you there") in received, received
+
+
+async def test_a_close_received_during_a_write_is_answered() -> None:
+    received = await _control_owed_during_a_write(CloseConnection(code=1000))
+    assert any(isinstance(e, CloseConnection) for e in received), received

@@ -315,10 +315,15 @@ class WebSocketStream(trio.abc.Stream):
             self._control.clear()
         self._writing = True
         try:
-            if self._socket is not None:
-                await _sendmsg_all(self._socket, frame)
-            else:
-                await self.transport.send_all(frame[0] if len(frame) == 1 else b"".join(frame))
+            # Pongs and close replies owed while we write go out right after it: the
+            # reader leaves them to the write in progress.
+            while frame:
+                if self._socket is not None:
+                    await _sendmsg_all(self._socket, frame)
+                else:
+                    data = frame[0] if len(frame) == 1 else b"".join(frame)
+                    await self.transport.send_all(data)
+                frame, self._control = list(self._control), []
         except trio.Cancelled:
             # Part of a frame may be on the wire: the framing is lost for good.
             self._broken(None)

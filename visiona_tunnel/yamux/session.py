@@ -336,6 +336,12 @@ class Session:
                 events = feed(data)
                 if events:
                     self._dispatch(events)
+                if self._open_waiter is not None and (
+                    self._conn.unacked_streams < self.config.accept_backlog
+                ):
+                    # An unACKed stream may have gone without an event of its own (an
+                    # RST for one we had abandoned): let blocked openers retry.
+                    self._wake_open_waiter()
                 if self._conn.has_data_to_send():
                     self._wake_writer()
                     while (
@@ -466,4 +472,5 @@ class Session:
             self._conn.reset_stream(stream_id)
             if stream is not None:
                 stream._reset_received()
+            self._wake_open_waiter()  # it may have been one of the unACKed
             self._wake_writer()
