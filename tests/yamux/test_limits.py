@@ -22,6 +22,7 @@ from .helpers import (
     controlled,
     is_ping_ack,
     open_raw_pair,
+    open_session_pair,
     ping,
     syn,
 )
@@ -90,3 +91,17 @@ async def test_reading_resumes_once_the_peer_reads_our_answers(
             last = await peer.receive_until(is_ping_ack(pings - 1))
             assert last.type == PING and last.has(ACK)
         assert not session.is_closed
+
+
+async def test_timers_follow_the_live_streams_not_the_churn() -> None:
+    """Each stream opened and closed leaves timer entries; they must not pile up."""
+    async with open_session_pair() as (client, server):
+        for _ in range(3000):
+            stream = await client.open_stream()
+            accepted = await server.accept_stream()
+            await stream.send_eof()
+            await accepted.send_eof()
+            assert await accepted.receive_some() == b""
+            assert await stream.receive_some() == b""
+        assert len(client._timers) <= 2 * client.num_streams + 1024 + 2
+        assert len(server._timers) <= 2 * server.num_streams + 1024 + 2

@@ -414,6 +414,13 @@ class Session:
         await trio.aclose_forcefully(self._transport)
 
     def _add_timer(self, delay: float, kind: int, stream_id: int) -> None:
+        timers = self._timers
+        if len(timers) > 2 * self._conn.num_streams + 1024:
+            # Entries outlive their streams (a stream ACKed or closed in a millisecond
+            # leaves a 75 s or 5 min entry): drop those of streams that are gone, so the
+            # heap follows the live streams, not the churn.
+            timers[:] = [entry for entry in timers if self._conn.stream(entry[2]) is not None]
+            heapq.heapify(timers)
         deadline = trio.current_time() + delay
         if not self._timers or deadline < self._timers[0][0]:
             self._timer_wakeup.set()
