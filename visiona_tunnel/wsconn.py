@@ -20,7 +20,6 @@ import operator
 import os
 import ssl
 import struct
-from collections import deque
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -40,6 +39,7 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import CloseReason
 
+from .chunks import ChunkBuffer
 from .conflict import ConflictDetector
 
 #: Close code a relay uses when a newer tunnel for the same device replaces this one.
@@ -173,8 +173,7 @@ class WebSocketStream(trio.abc.Stream):
         # On TCP, header and payload go out with one sendmsg, without joining them.
         self._socket = transport.socket if isinstance(transport, trio.SocketStream) else None
         self.max_message_size = max_message_size
-        self._chunks: deque[bytes] = deque()
-        self._offset = 0
+        self._chunks = ChunkBuffer()
         self._message_size = 0
         self._control: list[bytes] = []  # pongs and close replies owed to the peer
         self._writing = False
@@ -206,7 +205,7 @@ class WebSocketStream(trio.abc.Stream):
                 if self._eof:
                     return b""
                 await self._read_more()
-            return self._take(max_bytes)
+            return self._chunks.take(max_bytes)
 
     async def _read_more(self) -> None:
         try:
@@ -276,17 +275,6 @@ class WebSocketStream(trio.abc.Stream):
             self.close_code = CloseReason.ABNORMAL_CLOSURE
             self._error = WebSocketClosed(CloseReason.ABNORMAL_CLOSURE, "connection lost")
             self._error.__cause__ = cause
-
-    def _take(self, max_bytes: int | None) -> bytes:
-        chunks = self._chunks
-        chunk = chunks[0]
-        start = self._offset
-        if max_bytes is None or len(chunk) - start <= max_bytes:
-            chunks.popleft()
-            self._offset = 0
-            return chunk[start:] if start else chunk
-        self._offset = start + max_bytes
-        return chunk[start : start + max_bytes]
 
     # -- sending ---------------------------------------------------------------------------
 

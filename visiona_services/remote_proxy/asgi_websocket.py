@@ -30,11 +30,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import operator
-from collections import deque
 
 import trio
 from wsproto.frame_protocol import CloseReason
 
+from visiona_tunnel.chunks import ChunkBuffer
 from visiona_tunnel.conflict import ConflictDetector
 from visiona_tunnel.wsconn import WebSocketClosed
 
@@ -55,8 +55,7 @@ class AsgiWebSocketStream(trio.abc.Stream):
     def __init__(self, receive: Receive, send: Send) -> None:
         self._receive = receive
         self._send = send
-        self._chunks: deque[bytes] = deque()
-        self._offset = 0
+        self._chunks = ChunkBuffer()
         self._eof = False
         self._error: WebSocketClosed | None = None
         self._closed = False  # our aclose() was called
@@ -90,7 +89,7 @@ class AsgiWebSocketStream(trio.abc.Stream):
                     raise trio.ClosedResourceError("this WebSocket stream was closed")
                 assert message is not None
                 await self._handle(message)
-            return self._take(max_bytes)
+            return self._chunks.take(max_bytes)
 
     async def _next_message(self) -> Message | None:
         """The next ASGI event; None if ``aclose`` interrupted the wait."""
@@ -124,17 +123,6 @@ class AsgiWebSocketStream(trio.abc.Stream):
         self._error = WebSocketClosed(code, reason)
         self.close_code, self.close_reason = code, reason
         await self._send_close(code, reason)
-
-    def _take(self, max_bytes: int | None) -> bytes:
-        chunks = self._chunks
-        chunk = chunks[0]
-        start = self._offset
-        if max_bytes is None or len(chunk) - start <= max_bytes:
-            chunks.popleft()
-            self._offset = 0
-            return chunk[start:] if start else chunk
-        self._offset = start + max_bytes
-        return chunk[start : start + max_bytes]
 
     # -- sending ---------------------------------------------------------------------------
 

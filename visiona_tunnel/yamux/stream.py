@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import operator
-from collections import deque
 from typing import TYPE_CHECKING
 
 import trio
 
+from ..chunks import ChunkBuffer
 from ..conflict import ConflictDetector
 from .errors import StreamReset
 
@@ -27,8 +27,7 @@ class Stream(trio.abc.HalfCloseableStream):
     def __init__(self, session: Session, stream_id: int) -> None:
         self._session = session
         self.stream_id = stream_id
-        self._chunks: deque[bytes] = deque()
-        self._offset = 0  # into self._chunks[0]
+        self._chunks = ChunkBuffer(coalesce=True)
         self._eof = False  # the peer's FIN arrived
         self._reset = False  # RST sent or received
         self._reset_by_peer = False
@@ -65,32 +64,11 @@ class Stream(trio.abc.HalfCloseableStream):
                 blocked = True
             else:
                 self._raise_if_unusable()
-                data = self._take(max_bytes)
+                data = self._chunks.take(max_bytes)
                 self._session._consumed(self, len(data))
             if not blocked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
-
-    def _take(self, max_bytes: int | None) -> bytes:
-        chunks = self._chunks
-        chunk = chunks[0]
-        start = self._offset
-        available = len(chunk) - start
-        if max_bytes is None or available <= max_bytes:
-            chunks.popleft()
-            self._offset = 0
-            data = chunk[start:] if start else chunk
-            if max_bytes is None or not chunks or len(data) + len(chunks[0]) > max_bytes:
-                return data
-            # Several small frames fit: hand them over together.
-            parts = [data]
-            size = len(data)
-            while chunks and size + len(chunks[0]) <= max_bytes:
-                size += len(chunks[0])
-                parts.append(chunks.popleft())
-            return b"".join(parts)
-        self._offset = start + max_bytes
-        return chunk[start : start + max_bytes]
 
     def _data_received(self, data: bytes) -> None:
         self._chunks.append(data)
