@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -237,7 +237,18 @@ class TunnelRegistry:
             observer(event)
 
 
-TokenVerifier = Callable[[str], Awaitable[str | None]]
+class VerifierUnavailable(Exception):
+    """A token verifier cannot answer now (not the token's fault): the upgrade gets 503."""
+
+
+class TokenVerifier(Protocol):
+    """``await verifier(token)``: the device id the token belongs to, or None.
+
+    Raises:
+        VerifierUnavailable: the verifier cannot answer now (not the token's fault).
+    """
+
+    async def __call__(self, token: str) -> str | None: ...
 
 
 def token_from_request(target: str, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
@@ -272,7 +283,11 @@ async def serve_tunnel_listener(
                     await request.reject(404, b"not found\n")
                     return
                 token = token_from_request(request.target, request.headers)
-                key = await verify_token(token) if token else None
+                try:
+                    key = await verify_token(token) if token else None
+                except VerifierUnavailable:
+                    await request.reject(503, b"cannot check tokens now\n")
+                    return
                 if key is None:
                     await request.reject(401, b"unauthorized\n")
                     return
@@ -288,12 +303,14 @@ async def serve_tunnel_listener(
 
 __all__ = [
     "RELAY_YAMUX_CONFIG",
+    "TokenVerifier",
     "Tunnel",
     "TunnelDown",
     "TunnelEvent",
     "TunnelRegistry",
     "TunnelStats",
     "TunnelUp",
+    "VerifierUnavailable",
     "serve_tunnel_listener",
     "token_from_request",
 ]

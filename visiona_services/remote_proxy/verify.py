@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import attrs
 import trio
 
 from visiona_tunnel.httpstream import forward_http
+from visiona_tunnel.relay import TokenVerifier, VerifierUnavailable
 
 from .config import ProxyConfig
 
@@ -33,20 +34,6 @@ VERIFY_PATH = "/internal/devices/verify"
 REFUSED_STATUSES = frozenset({401, 403, 404})
 #: The largest verify response read; a larger one is an error.
 MAX_RESPONSE_SIZE = 64 * 1024
-
-
-class TokenVerifier(Protocol):
-    """``await verifier(token)``: the device id the token belongs to, or None.
-
-    Raises:
-        VerifierUnavailable: the verifier cannot answer now (not the token's fault).
-    """
-
-    async def __call__(self, token: str) -> str | None: ...
-
-
-class VerifierUnavailable(Exception):
-    """The token could not be checked (backend down, timed out, malformed answer)."""
 
 
 class StaticTokenVerifier:
