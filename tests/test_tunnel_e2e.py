@@ -17,6 +17,7 @@ import trio
 from support.data import pattern, pattern_body, pattern_sha256
 from support.pyagent import FAST, HookRecorder, PyAgent, start_py_agent
 from support.pyrelay import (
+    MEMORY_BOUND,
     PyRelay,
     fetch,
     fetch_digest,
@@ -41,9 +42,6 @@ TOKEN = "token-1"
 DEVICE = "device-1"
 #: Upper bound for one test body.
 TEST_TIMEOUT = 30.0
-#: Memory a 100 MiB / 50 MiB transfer may take in this process (relay, agent and local
-#: server together): a few windows and buffers, nowhere near the size of the body.
-MEMORY_BOUND = 8 * MiB
 
 
 async def start_agent(

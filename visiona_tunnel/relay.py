@@ -21,6 +21,7 @@ import attrs
 import trio
 
 from . import yamux
+from .client import TUNNEL_YAMUX_CONFIG
 from .httpstream import HttpResponse, forward_http
 from .wsconn import (
     CLOSE_REPLACED,
@@ -39,10 +40,6 @@ class TunnelTransport(Protocol):
     async def wait_send_all_might_not_block(self) -> None: ...
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray: ...
     async def aclose(self, code: int = 1000, reason: str = "") -> None: ...
-
-
-#: The relay's yamux settings: hashicorp's defaults with a 10 s keepalive.
-RELAY_YAMUX_CONFIG = yamux.Config(keepalive_interval=10.0, keepalive_timeout=30.0)
 
 
 class _CountingStream(trio.abc.Stream):
@@ -168,7 +165,7 @@ class TunnelRegistry:
     """Live tunnels by key. Observers (``add_observer``) get :class:`TunnelUp` and
     :class:`TunnelDown` events, synchronously, from the tunnel's task."""
 
-    def __init__(self, *, config: yamux.Config = RELAY_YAMUX_CONFIG) -> None:
+    def __init__(self, *, config: yamux.Config = TUNNEL_YAMUX_CONFIG) -> None:
         self.config = config
         self._tunnels: dict[str, Tunnel] = {}
         self._observers: list[Callable[[TunnelEvent], None]] = []
@@ -302,7 +299,6 @@ async def serve_tunnel_listener(
 
 
 __all__ = [
-    "RELAY_YAMUX_CONFIG",
     "TokenVerifier",
     "Tunnel",
     "TunnelDown",

@@ -16,6 +16,7 @@ from functools import partial
 
 import trio
 
+from visiona_tunnel.client import TUNNEL_YAMUX_CONFIG
 from visiona_tunnel.httpstream import HttpResponse
 from visiona_tunnel.relay import Tunnel, TunnelRegistry, serve_tunnel_listener
 
@@ -149,6 +150,12 @@ async def fetch_digest(
             digest.update(chunk)
             size += len(chunk)
         return FetchedDigest(response.status, response.headers, size, digest.hexdigest())
+
+
+#: Memory a 50-100 MiB transfer may take in one process holding relay, agent and local
+#: server (and a caller): at most one full stream window (auto-tuned up to its cap while the
+#: reader keeps up) plus a few buffers -- bounded by the window, not by the body.
+MEMORY_BOUND = TUNNEL_YAMUX_CONFIG.max_stream_window_size + 8 * 1024 * 1024
 
 
 @asynccontextmanager

@@ -35,7 +35,7 @@ from support.internalapi import (
     with_config,
 )
 from support.pyagent import PyAgent
-from support.pyrelay import traced_peak
+from support.pyrelay import MEMORY_BOUND, traced_peak
 from support.tunnelhttp import HttpResponse, MiB, closed_port, http_exchange
 from trio_websocket import ConnectionClosed
 
@@ -47,9 +47,6 @@ from visiona_tunnel.forward import UNREACHABLE_BODY
 
 #: Upper bound for one test body.
 TEST_TIMEOUT = 30.0
-#: Memory a 100 MiB transfer may take in this process (caller, internal app, relay, agent
-#: and local server together): windows and buffers, nowhere near the body.
-MEMORY_BOUND = 8 * MiB
 FORWARD = f"/internal/forward/{DEVICE}"
 FORWARD_WS = f"/internal/forward-ws/{DEVICE}"
 
