@@ -37,8 +37,8 @@ logger = logging.getLogger("visiona_tunnel.client")
 
 #: The tunnel's yamux settings, at both ends: hashicorp's defaults with a 10 s keepalive
 #: (3 missed = 30 s), and receive windows that auto-tune up to 16 MiB (go-yamux's cap), so
-#: one large transfer is not held to one 256 KiB window per round trip. A stream whose reader
-#: is slow keeps the 256 KiB window: the window only grows while it is used up fast.
+#: one large transfer is not held to one 256 KiB window per round trip. The window only grows
+#: while the reader uses half of it within a few round trips, so a slow reader keeps 256 KiB.
 TUNNEL_YAMUX_CONFIG = yamux.Config(
     keepalive_interval=10.0,
     keepalive_timeout=30.0,

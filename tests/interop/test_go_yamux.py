@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from visiona_tunnel.client import TUNNEL_YAMUX_CONFIG
 from visiona_tunnel.yamux import Config, GoAwayError, Session, Stream, StreamReset
 
 from .gopeer import (
@@ -257,4 +258,22 @@ async def test_16mib_window_we_send_40mib_byte_exact(yamuxpeer: Path, python_cli
         await stream.send_eof()
         assert await receive_line(stream) == sha256_hex(data).encode() + b"\n"
         await expect_eof(stream)
+        await stream.aclose()
+
+
+async def test_auto_tuned_window_go_sends_40mib_byte_exact(
+    yamuxpeer: Path, python_client: bool
+) -> None:
+    """The tunnel's settings (windows auto-tuning to 16 MiB) against Go's fixed defaults:
+    Go takes the growing window updates, and never sends beyond what we granted."""
+    size = 40 * MiB
+    async with go_session(yamuxpeer, python_client=python_client, config=TUNNEL_YAMUX_CONFIG) as (
+        session,
+        _,
+    ):
+        stream = await open_command(session, f"send {size} 13")
+        assert await receive_to_eof(stream) == (size, sha256_hex(pattern(13, size)))
+        state = session._conn.stream(stream.stream_id)  # the core's view of the window
+        assert state is not None
+        assert state.recv_window_max > 256 * 1024
         await stream.aclose()

@@ -416,6 +416,97 @@ def test_credit_covers_only_consumed_bytes_of_a_partly_received_frame() -> None:
     assert state.recv_window + state.unread <= INITIAL_WINDOW
 
 
+def auto_tuning_server(cap: int = 1024 * KIB, rtt: float | None = 0.010) -> YamuxConnection:
+    conn = YamuxConnection(
+        client=False, config=Config(auto_tune_window=True, max_stream_window_size=cap)
+    )
+    conn.rtt = rtt
+    conn.receive_data(syn(1))
+    conn.data_to_send()
+    return conn
+
+
+def read_half_window(conn: YamuxConnection, now: float) -> list[Frame]:
+    """Receive and consume half of stream 1's current window at time ``now``."""
+    state = conn.stream(1)
+    assert state is not None
+    half = state.recv_window_max // 2
+    conn.receive_data(data(1, pattern(half)))
+    conn.consume(1, half, now=now)
+    return sent_frames(conn)
+
+
+def test_auto_tuning_starts_at_the_initial_window_whatever_the_cap() -> None:
+    conn = auto_tuning_server(cap=16 * 1024 * KIB)
+    state = conn.stream(1)
+    assert state is not None
+    assert state.recv_window_max == state.recv_window == INITIAL_WINDOW
+
+
+def test_auto_tuning_doubles_the_window_when_half_is_read_within_a_few_rtts() -> None:
+    conn = auto_tuning_server()
+    read_half_window(conn, now=1.0)  # first update: starts the clock
+    # 4 x RTT (10 ms) later: fast enough, the window doubles to 512 KiB; the update
+    # returns the consumed 128 KiB plus the 256 KiB of growth.
+    assert read_half_window(conn, now=1.0 + 0.039) == [
+        control(WINDOW_UPDATE, 0, 1, 128 * KIB + 256 * KIB)
+    ]
+    state = conn.stream(1)
+    assert state is not None
+    assert state.recv_window_max == 512 * KIB
+    assert state.recv_window + state.unread == 512 * KIB
+
+
+def test_auto_tuning_keeps_the_window_of_a_slow_reader() -> None:
+    conn = auto_tuning_server()
+    read_half_window(conn, now=1.0)
+    assert read_half_window(conn, now=1.0 + 0.041) == [control(WINDOW_UPDATE, 0, 1, 128 * KIB)]
+    state = conn.stream(1)
+    assert state is not None
+    assert state.recv_window_max == INITIAL_WINDOW
+
+
+def test_auto_tuning_waits_for_an_rtt() -> None:
+    conn = auto_tuning_server(rtt=None)
+    read_half_window(conn, now=1.0)
+    assert read_half_window(conn, now=1.0) == [control(WINDOW_UPDATE, 0, 1, 128 * KIB)]
+
+
+def test_auto_tuning_allowance_grows_with_the_window() -> None:
+    """go-yamux#136: a fixed 4 x RTT would stop growth near 512 KiB on a busy reader."""
+    conn = auto_tuning_server(cap=2048 * KIB)
+    read_half_window(conn, now=1.0)
+    read_half_window(conn, now=1.03)  # 256 -> 512 KiB within 40 ms
+    read_half_window(conn, now=1.03 + 0.07)  # 512 KiB allows 80 ms: -> 1 MiB
+    state = conn.stream(1)
+    assert state is not None
+    assert state.recv_window_max == 1024 * KIB
+
+
+def test_auto_tuning_stops_at_the_cap() -> None:
+    conn = auto_tuning_server(cap=512 * KIB)
+    now = 1.0
+    for _ in range(6):
+        read_half_window(conn, now=now)
+        now += 0.001
+    state = conn.stream(1)
+    assert state is not None
+    assert state.recv_window_max == 512 * KIB
+    assert read_half_window(conn, now=now) == [control(WINDOW_UPDATE, 0, 1, 256 * KIB)]
+
+
+def test_without_auto_tuning_the_window_stays_at_its_size() -> None:
+    conn = YamuxConnection(client=False, config=Config(max_stream_window_size=1024 * KIB))
+    conn.rtt = 0.010
+    conn.receive_data(syn(1))
+    conn.data_to_send()
+    for step in range(4):
+        read_half_window(conn, now=1.0 + step * 0.001)
+    state = conn.stream(1)
+    assert state is not None
+    assert state.recv_window_max == 1024 * KIB
+
+
 def test_send_data_never_exceeds_the_send_window() -> None:
     conn = client()
     stream_id = conn.open_stream()
