@@ -254,6 +254,33 @@ async def test_our_close_sends_a_close_frame_and_later_use_is_closed_resource() 
         await client.send_all(b"x")
 
 
+async def test_our_close_during_a_write_follows_the_write() -> None:
+    """A close while a message is going out (a yamux GoAway just before, say) waits for it:
+    the peer gets the whole message, then our code -- not a lost connection (1006)."""
+    client_end, server_end = trio.testing.lockstep_stream_pair()
+    box: list[WebSocketStream] = []
+    async with trio.open_nursery() as nursery:
+
+        async def accept() -> None:
+            box.append(await accept_websocket_stream(server_end))
+
+        nursery.start_soon(accept)
+        client = await client_handshake(client_end, "example", "/tunnel/connect")
+    server = box[0]
+    payload = bytes(range(256)) * 400
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, payload)
+        await wait_all_tasks_blocked()  # the write waits for the peer to read
+        nursery.start_soon(functools.partial(client.aclose, CLOSE_REPLACED, "replaced"))
+        await wait_all_tasks_blocked()
+        with pytest.raises(WebSocketClosed) as raised:
+            while data := await server.receive_some():
+                received += data
+    assert bytes(received) == payload
+    assert raised.value.code == CLOSE_REPLACED
+
+
 # -- the handshake ------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from typing import Protocol
@@ -26,6 +27,8 @@ from .httpstream import HttpResponse, forward_http
 from .wsconn import (
     CLOSE_REPLACED,
     DEFAULT_MAX_MESSAGE_SIZE,
+    RECEIVE_SIZE,
+    WebSocketStream,
     receive_websocket_request,
 )
 
@@ -257,6 +260,30 @@ def token_from_request(target: str, headers: Iterable[tuple[bytes, bytes]]) -> s
     return tokens[0] if tokens else None
 
 
+#: After a tunnel ends, how long its agent has to read our close frame and hang up.
+CLOSE_DRAIN_TIMEOUT = 10.0
+
+
+async def close_and_drain(ws: WebSocketStream, sock: trio.socket.SocketType) -> None:
+    """End an accepted tunnel's connection so the agent gets our close code.
+
+    Sends our close frame (unless one was sent, e.g. 4001 on replacement), then half-closes
+    ``sock`` -- a ``dup()`` of the WebSocket's socket, taken at accept, which outlives
+    ``ws.aclose()`` -- and reads (and drops) what the agent still sends until it hangs up.
+    Closing a socket with unread data would reset the connection, and an agent still
+    writing (a ping, a window update) would see 1006 instead of our code. Closes ``sock``;
+    bound it with a timeout (:data:`CLOSE_DRAIN_TIMEOUT`).
+    """
+    try:
+        await ws.aclose()
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+            while await sock.recv(RECEIVE_SIZE):
+                pass
+    finally:
+        sock.close()
+
+
 async def serve_tunnel_listener(
     registry: TunnelRegistry,
     verify_token: TokenVerifier,
@@ -289,16 +316,22 @@ async def serve_tunnel_listener(
                     await request.reject(401, b"unauthorized\n")
                     return
                 ws = await request.accept(max_message_size=max_message_size)
+                spare = tcp.socket.dup()  # for close_and_drain
         except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
             logger.info("tunnel handshake failed", extra={"remote": remote, "error": repr(exc)})
             await trio.aclose_forcefully(tcp)
             return
-        await registry.serve(key, ws, remote_address=remote)
+        try:
+            await registry.serve(key, ws, remote_address=remote)
+        finally:
+            with trio.move_on_after(CLOSE_DRAIN_TIMEOUT):
+                await close_and_drain(ws, spare)
 
     await trio.serve_tcp(handle, port, host=host, task_status=task_status)
 
 
 __all__ = [
+    "CLOSE_DRAIN_TIMEOUT",
     "TokenVerifier",
     "Tunnel",
     "TunnelDown",
@@ -307,6 +340,7 @@ __all__ = [
     "TunnelStats",
     "TunnelUp",
     "VerifierUnavailable",
+    "close_and_drain",
     "serve_tunnel_listener",
     "token_from_request",
 ]

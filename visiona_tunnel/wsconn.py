@@ -341,8 +341,15 @@ class WebSocketStream(trio.abc.Stream):
             return
         self._closed = True
         try:
-            if self._ws.state is ConnectionState.OPEN and not self._writing:
-                with trio.move_on_after(1):
+            with trio.move_on_after(1):
+                # A frame going out (a yamux GoAway sent just before, say) is finished
+                # first: skipping our close frame would leave the peer with 1006.
+                while self._writing:
+                    if self._write_idle is None:
+                        self._write_idle = trio.Event()
+                    await self._write_idle.wait()
+                broken = self.close_code == CloseReason.ABNORMAL_CLOSURE
+                if self._ws.state is ConnectionState.OPEN and not broken:
                     self._control.append(self._ws.send(CloseConnection(code=code, reason=reason)))
                     await self._write([])
         except (trio.BrokenResourceError, trio.ClosedResourceError):

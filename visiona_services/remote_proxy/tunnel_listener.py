@@ -35,7 +35,7 @@ import wsproto.utilities
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import Request as WsRequest
 
-from visiona_tunnel.relay import token_from_request
+from visiona_tunnel.relay import close_and_drain, token_from_request
 from visiona_tunnel.wsconn import RECEIVE_SIZE, WebSocketRequest
 
 from ..common.http import (
@@ -291,7 +291,7 @@ class _Handler:
                     ws = await ws_request.accept(
                         headers=[_request_id_header()], max_message_size=TUNNEL_MAX_MESSAGE_SIZE
                     )
-                # The socket outlives the WebSocket's aclose (see _drain).
+                # The socket outlives the WebSocket's aclose (see close_and_drain).
                 spare = tcp.socket.dup()
             except BaseException:
                 await trio.aclose_forcefully(tcp)
@@ -299,12 +299,8 @@ class _Handler:
             try:
                 await self.state.tunnels.serve(device, ws, remote_address=remote)
             finally:
-                try:
-                    with trio.move_on_after(self.drain_timeout) as drain:
-                        await ws.aclose()  # our close frame, unless the tunnel sent one
-                        await _drain(spare)
-                finally:
-                    spare.close()
+                with trio.move_on_after(self.drain_timeout) as drain:
+                    await close_and_drain(ws, spare)
                 if drain.cancelled_caught:
                     logger.warning(
                         "agent did not answer our close", extra={"device": device, "remote": remote}
@@ -424,11 +420,3 @@ async def _refuse(
         headers.append((b"retry-after", b"5"))
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         await _respond(tcp, conn, status, error_envelope(code, message), headers, close=True)
-
-
-async def _drain(sock: trio.socket.SocketType) -> None:
-    """Half-close, then read (and drop) what the peer still sends until it closes."""
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_WR)
-        while await sock.recv(RECEIVE_SIZE):
-            pass
