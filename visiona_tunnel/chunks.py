@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import operator
 from collections import deque
+
+
+def checked_max_bytes(max_bytes: int | None) -> int | None:
+    """``receive_some``'s ``max_bytes`` as an int, or None; ValueError if below 1."""
+    if max_bytes is None:
+        return None
+    max_bytes = operator.index(max_bytes)
+    if max_bytes < 1:
+        raise ValueError("max_bytes must be at least 1")
+    return max_bytes
 
 
 class ChunkBuffer:

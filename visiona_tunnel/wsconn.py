@@ -39,7 +39,7 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import CloseReason
 
-from .chunks import ChunkBuffer
+from .chunks import ChunkBuffer, checked_max_bytes
 from .conflict import ConflictDetector
 
 #: Close code a relay uses when a newer tunnel for the same device replaces this one.
@@ -191,10 +191,7 @@ class WebSocketStream(trio.abc.Stream):
     # -- receiving -------------------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is not None:
-            max_bytes = operator.index(max_bytes)
-            if max_bytes < 1:
-                raise ValueError("max_bytes must be at least 1")
+        max_bytes = checked_max_bytes(max_bytes)
         with self._receive_conflict:
             await trio.lowlevel.checkpoint()
             while not self._chunks:

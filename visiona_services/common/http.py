@@ -17,12 +17,13 @@ starts, so logs (:mod:`visiona_services.common.logs`) and error envelopes find i
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -49,6 +50,8 @@ __all__ = [
     "new_request_id",
     "ok_envelope",
     "reject_websocket",
+    "request_id_context",
+    "request_id_header",
     "sane_request_id",
     "send_error",
     "send_json",
@@ -88,6 +91,24 @@ def sane_request_id(value: bytes | str | None) -> str | None:
 def new_request_id() -> str:
     """A fresh request id (32 hex digits)."""
     return uuid.uuid4().hex
+
+
+@contextlib.contextmanager
+def request_id_context(headers: Headers) -> Iterator[str]:
+    """The request's id -- its ``X-Request-ID`` if sane, else a new one -- as
+    :data:`current_request_id` for the block."""
+    supplied = header_values(headers, REQUEST_ID_HEADER)
+    request_id = (sane_request_id(supplied[0]) if supplied else None) or new_request_id()
+    token = current_request_id.set(request_id)
+    try:
+        yield request_id
+    finally:
+        current_request_id.reset(token)
+
+
+def request_id_header() -> tuple[bytes, bytes]:
+    """``X-Request-ID`` with the current request's id (a new one outside requests)."""
+    return (REQUEST_ID_HEADER, (current_request_id.get() or new_request_id()).encode())
 
 
 def header_values(headers: Headers, name: bytes) -> list[bytes]:

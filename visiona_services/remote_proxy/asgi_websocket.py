@@ -29,12 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import operator
 
 import trio
 from wsproto.frame_protocol import CloseReason
 
-from visiona_tunnel.chunks import ChunkBuffer
+from visiona_tunnel.chunks import ChunkBuffer, checked_max_bytes
 from visiona_tunnel.conflict import ConflictDetector
 from visiona_tunnel.wsconn import WebSocketClosed
 
@@ -71,10 +70,7 @@ class AsgiWebSocketStream(trio.abc.Stream):
     # -- receiving -------------------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is not None:
-            max_bytes = operator.index(max_bytes)
-            if max_bytes < 1:
-                raise ValueError("max_bytes must be at least 1")
+        max_bytes = checked_max_bytes(max_bytes)
         with self._receive_conflict:
             await trio.lowlevel.checkpoint()
             while not self._chunks:

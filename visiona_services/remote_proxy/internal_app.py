@@ -45,7 +45,6 @@ from visiona_tunnel.relay import TunnelStats
 
 from ..common.http import (
     JSON_CONTENT_TYPE,
-    REQUEST_ID_HEADER,
     ApiError,
     AsgiApp,
     Message,
@@ -53,16 +52,13 @@ from ..common.http import (
     Scope,
     Send,
     bearer_matches,
-    current_request_id,
     error_envelope,
-    header_values,
     install_json_error_handlers,
     json_bytes,
     json_response,
-    new_request_id,
     ok_envelope,
     reject_websocket,
-    sane_request_id,
+    request_id_context,
     send_error,
 )
 from ..common.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -173,32 +169,28 @@ class InternalMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)  # lifespan
             return
-        headers = scope.get("headers", [])
-        supplied = header_values(headers, REQUEST_ID_HEADER)
-        request_id = (sane_request_id(supplied[0]) if supplied else None) or new_request_id()
-        token = current_request_id.set(request_id)
-        watch = _ResponseWatch(send, request_id)
-        start = trio.current_time()
-        try:
-            await self._dispatch(scope, receive, watch)
-        except Exception:
-            logger.exception("unhandled error in %s", scope.get("path"))
-            await self._answer_error(scope, watch)
-        finally:
-            method = scope.get("method", "WEBSOCKET")
-            access_logger.info(
-                "%s %s %s",
-                method,
-                scope.get("path"),
-                watch.status,
-                extra={
-                    "method": method,
-                    "path": scope.get("path"),
-                    "status": watch.status,
-                    "duration_ms": round((trio.current_time() - start) * 1000, 1),
-                },
-            )
-            current_request_id.reset(token)
+        with request_id_context(scope.get("headers", [])) as request_id:
+            watch = _ResponseWatch(send, request_id)
+            start = trio.current_time()
+            try:
+                await self._dispatch(scope, receive, watch)
+            except Exception:
+                logger.exception("unhandled error in %s", scope.get("path"))
+                await self._answer_error(scope, watch)
+            finally:
+                method = scope.get("method", "WEBSOCKET")
+                access_logger.info(
+                    "%s %s %s",
+                    method,
+                    scope.get("path"),
+                    watch.status,
+                    extra={
+                        "method": method,
+                        "path": scope.get("path"),
+                        "status": watch.status,
+                        "duration_ms": round((trio.current_time() - start) * 1000, 1),
+                    },
+                )
 
     async def _dispatch(self, scope: Scope, receive: Receive, watch: _ResponseWatch) -> None:
         send = watch.send

@@ -50,22 +50,19 @@ from visiona_tunnel.relay import token_from_request
 
 from ..common.http import (
     JSON_CONTENT_TYPE,
-    REQUEST_ID_HEADER,
     AsgiApp,
     Message,
     Receive,
     Scope,
     Send,
-    current_request_id,
     error_envelope,
-    header_values,
     install_json_error_handlers,
     json_bytes,
     json_response,
-    new_request_id,
     ok_envelope,
     reject_websocket,
-    sane_request_id,
+    request_id_context,
+    request_id_header,
 )
 from .asgi_websocket import AsgiWebSocketStream
 from .config import ProxyConfig
@@ -133,7 +130,7 @@ class TunnelEndpoint:
         device = await self._admit(scope, send, remote)
         if device is None:
             return
-        await send({"type": "websocket.accept", "headers": [_request_id_header()]})
+        await send({"type": "websocket.accept", "headers": [request_id_header()]})
         ws = AsgiWebSocketStream(receive, send)
         try:
             # TunnelRegistry.serve is annotated with WebSocketStream but needs only a trio
@@ -161,16 +158,12 @@ class TunnelEndpoint:
         return admitted
 
 
-def _request_id_header() -> tuple[bytes, bytes]:
-    return (b"x-request-id", (current_request_id.get() or new_request_id()).encode())
-
-
 async def _refuse(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
     """Answer the handshake with ``status`` and the error envelope."""
     headers = [
         (b"content-type", JSON_CONTENT_TYPE.encode()),
         (b"cache-control", b"no-store"),
-        _request_id_header(),
+        request_id_header(),
     ]
     if status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="visiona-tunnel"'))
@@ -191,16 +184,11 @@ class TunnelMiddleware:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)  # lifespan
             return
-        supplied = header_values(scope.get("headers", []), REQUEST_ID_HEADER)
-        request_id = (sane_request_id(supplied[0]) if supplied else None) or new_request_id()
-        token = current_request_id.set(request_id)
-        try:
+        with request_id_context(scope.get("headers", [])) as request_id:
             if scope["type"] == "websocket" and scope["path"] == TUNNEL_PATH:
                 await self.endpoint(scope, receive, send)
             else:
                 await self.app(scope, receive, _RequestIdSend(send, request_id))
-        finally:
-            current_request_id.reset(token)
 
 
 class _RequestIdSend:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 
 import h11
@@ -40,13 +40,11 @@ from visiona_tunnel.wsconn import RECEIVE_SIZE, WebSocketRequest
 
 from ..common.http import (
     JSON_CONTENT_TYPE,
-    REQUEST_ID_HEADER,
-    current_request_id,
     error_envelope,
     json_bytes,
-    new_request_id,
     ok_envelope,
-    sane_request_id,
+    request_id_context,
+    request_id_header,
 )
 from .state import ProxyState
 from .tunnel_app import (
@@ -249,7 +247,7 @@ class _Handler:
         self, tcp: trio.SocketStream, conn: h11.Connection, request: h11.Request
     ) -> bool:
         """Answer a request that is not a tunnel upgrade; whether the connection may stay."""
-        with _request_id(request.headers):
+        with request_id_context(request.headers):
             path = request.target.split(b"?", 1)[0].decode("latin-1")
             method = request.method
             head = method == b"HEAD"
@@ -280,7 +278,7 @@ class _Handler:
         self, tcp: trio.SocketStream, conn: h11.Connection, request: h11.Request, remote: str | None
     ) -> None:
         """Check the token, upgrade, and run the tunnel until it ends; closes ``tcp``."""
-        with _request_id(request.headers):
+        with request_id_context(request.headers):
             try:
                 with trio.fail_after(self.handshake_timeout + self.verify_timeout):
                     upgrade = await self._upgrade(tcp, conn, request, remote)
@@ -289,7 +287,7 @@ class _Handler:
                         return
                     device, ws_request = upgrade
                     ws = await ws_request.accept(
-                        headers=[_request_id_header()], max_message_size=TUNNEL_MAX_MESSAGE_SIZE
+                        headers=[request_id_header()], max_message_size=TUNNEL_MAX_MESSAGE_SIZE
                     )
                 # The socket outlives the WebSocket's aclose (see close_and_drain).
                 spare = tcp.socket.dup()
@@ -367,21 +365,6 @@ def _tokens(headers: Headers, name: bytes) -> list[bytes]:
     ]
 
 
-@contextlib.contextmanager
-def _request_id(headers: Headers) -> Iterator[str]:
-    supplied = [value for name, value in headers if name.lower() == REQUEST_ID_HEADER]
-    request_id = (sane_request_id(supplied[0]) if supplied else None) or new_request_id()
-    token = current_request_id.set(request_id)
-    try:
-        yield request_id
-    finally:
-        current_request_id.reset(token)
-
-
-def _request_id_header() -> tuple[bytes, bytes]:
-    return (b"x-request-id", (current_request_id.get() or new_request_id()).encode())
-
-
 async def _respond(
     tcp: trio.SocketStream,
     conn: h11.Connection,
@@ -398,7 +381,7 @@ async def _respond(
         (b"content-type", JSON_CONTENT_TYPE.encode()),
         (b"content-length", str(len(body)).encode()),
         *headers,
-        _request_id_header(),
+        request_id_header(),
     ]
     if close:
         fields.append((b"connection", b"close"))

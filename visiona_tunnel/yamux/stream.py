@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import operator
 from typing import TYPE_CHECKING
 
 import trio
 
-from ..chunks import ChunkBuffer
+from ..chunks import ChunkBuffer, checked_max_bytes
 from ..conflict import ConflictDetector
 from .errors import StreamReset
 
@@ -44,10 +43,7 @@ class Stream(trio.abc.HalfCloseableStream):
     # -- receiving -------------------------------------------------------------------------
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is not None:
-            max_bytes = operator.index(max_bytes)
-            if max_bytes < 1:
-                raise ValueError("max_bytes must be at least 1")
+        max_bytes = checked_max_bytes(max_bytes)
         with self._receive_conflict:
             # trio's own pattern: a cancel point first; if we never block, a schedule point
             # at the end, after the data is taken (it cannot be cancelled, so nothing is lost).
