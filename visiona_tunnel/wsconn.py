@@ -289,12 +289,16 @@ class WebSocketStream(trio.abc.Stream):
                 raise WebSocketClosed(self.close_code or CloseReason.NORMAL_CLOSURE, "closing")
             await self._write(encode_binary_message(data, client=self._client))
 
-    async def _write(self, frame: list[bytes | memoryview]) -> None:
-        """The one path to the transport, shared with pongs and close replies."""
+    async def _write_finished(self) -> None:
+        """Wait until no write is in progress (returns at once if none is)."""
         while self._writing:
             if self._write_idle is None:
                 self._write_idle = trio.Event()
             await self._write_idle.wait()
+
+    async def _write(self, frame: list[bytes | memoryview]) -> None:
+        """The one path to the transport, shared with pongs and close replies."""
+        await self._write_finished()
         if self._control:
             frame = [*self._control, *frame]
             self._control.clear()
@@ -341,10 +345,7 @@ class WebSocketStream(trio.abc.Stream):
             with trio.move_on_after(1):
                 # A frame going out (a yamux GoAway sent just before, say) is finished
                 # first: skipping our close frame would leave the peer with 1006.
-                while self._writing:
-                    if self._write_idle is None:
-                        self._write_idle = trio.Event()
-                    await self._write_idle.wait()
+                await self._write_finished()
                 broken = self.close_code == CloseReason.ABNORMAL_CLOSURE
                 if self._ws.state is ConnectionState.OPEN and not broken:
                     self._control.append(self._ws.send(CloseConnection(code=code, reason=reason)))

@@ -416,9 +416,11 @@ def test_credit_covers_only_consumed_bytes_of_a_partly_received_frame() -> None:
     assert state.recv_window + state.unread <= INITIAL_WINDOW
 
 
-def auto_tuning_server(cap: int = 1024 * KIB, rtt: float | None = 0.010) -> YamuxConnection:
+def auto_tuning_server(
+    cap: int = 1024 * KIB, rtt: float | None = 0.010, *, auto_tune: bool = True
+) -> YamuxConnection:
     conn = YamuxConnection(
-        client=False, config=Config(auto_tune_window=True, max_stream_window_size=cap)
+        client=False, config=Config(auto_tune_window=auto_tune, max_stream_window_size=cap)
     )
     conn.rtt = rtt
     conn.receive_data(syn(1))
@@ -496,10 +498,7 @@ def test_auto_tuning_stops_at_the_cap() -> None:
 
 
 def test_without_auto_tuning_the_window_stays_at_its_size() -> None:
-    conn = YamuxConnection(client=False, config=Config(max_stream_window_size=1024 * KIB))
-    conn.rtt = 0.010
-    conn.receive_data(syn(1))
-    conn.data_to_send()
+    conn = auto_tuning_server(cap=1024 * KIB, auto_tune=False)
     for step in range(4):
         read_half_window(conn, now=1.0 + step * 0.001)
     state = conn.stream(1)
