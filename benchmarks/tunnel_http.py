@@ -27,6 +27,9 @@ Every party is its own process, everything on 127.0.0.1:
 Chains (``--chains``):
 
 * ``direct``: load (``--role load``: trio + h11 client) -> server.
+* ``hypercorn``: load -> hypercorn (``--role front``) with the remote-proxy's internal
+  listener settings, answering the same routes itself from a raw ASGI app: the proxy's
+  HTTP front with no tunnel behind it, an upper bound for the ``proxy+`` chains.
 * ``py-relay+py-agent``, ``py-relay+go-agent``: the load runs **inside the Python relay
   process**, calling ``Tunnel.forward_http`` (as the remote proxy will) -> agent -> server.
 * ``go-relay+go-agent``, ``go-relay+py-agent``: load (h11 client) -> gorelay's HTTP front
@@ -125,6 +128,7 @@ MiB = 1024 * KiB
 HOST = "127.0.0.1"
 CHAINS = (
     "direct",
+    "hypercorn",
     "py-relay+py-agent",
     "py-relay+go-agent",
     "go-relay+go-agent",
@@ -275,6 +279,71 @@ async def _run_server(spec: RunSpec) -> None:
         handler = partial(_serve_connection, payload(spec.seed))
         listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host=HOST))
         print(f"PORT {listeners[0].socket.getsockname()[1]}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The proxy's HTTP front alone (--role front): hypercorn, the internal listener's settings
+# --------------------------------------------------------------------------------------------
+
+
+def _front_app(block: bytes) -> Callable[..., Any]:
+    """A raw ASGI app with the server's routes, answered from memory."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                kind = (await receive())["type"]  # lifespan.startup / lifespan.shutdown
+                await send({"type": f"{kind}.complete"})
+                if kind == "lifespan.shutdown":
+                    return
+        received, more = 0, True
+        while more:
+            message = await receive()
+            received += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        method, path = scope["method"], scope["path"]
+        size = int(path[7:]) if path.startswith("/bytes/") and path[7:].isdigit() else None
+        if method == "GET" and path == "/small":
+            status, body = 200, SMALL_BODY
+        elif method == "GET" and size is not None:
+            length = str(size).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"application/octet-stream"),
+                        (b"content-length", length),
+                    ],
+                }
+            )
+            for chunk in iter_chunks(size, block):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        elif method == "POST" and path == "/sink":
+            status, body = 200, str(received).encode()
+        else:
+            status, body = 404, b"not found\n"
+        headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+async def _run_front(spec: RunSpec) -> None:
+    import hypercorn.trio
+
+    from visiona_services.remote_proxy.config import ProxyConfig
+    from visiona_services.remote_proxy.internal_app import internal_hypercorn_config
+
+    config = ProxyConfig(internal_host=HOST, internal_port=0)
+    hyper = internal_hypercorn_config(config)
+    async with trio.open_nursery() as nursery:
+        serve = partial(hypercorn.trio.serve, _front_app(payload(spec.seed)), hyper)
+        urls: list[str] = await nursery.start(serve)
+        print(f"PORT {urls[0].rsplit(':', 1)[1]}", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,13 +683,15 @@ async def _child(args: argparse.Namespace) -> dict[str, Any]:
     spec = RunSpec.from_json(args.spec)
     out: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
-        if args.role == "server":
+        if args.role in ("server", "front"):
             nursery.start_soon(_dump_after, args.child_timeout, args.role)
         else:
             nursery.start_soon(_watchdog, args.child_timeout, args.role)
         try:
             if args.role == "server":
                 await _run_server(spec)
+            elif args.role == "front":
+                await _run_front(spec)
             elif args.role == "load":
                 out["result"] = await _load(args, spec)
             else:
@@ -884,9 +955,10 @@ def run_once(
     load: Party | None = None
     error: str | None = None
     try:
-        server = run.start("server", run.python("server", spec))
+        role = "front" if chain == "hypercorn" else "server"
+        server = run.start("server", run.python(role, spec))
         port = int(run.wait_line(server, "PORT ").split()[1])
-        if chain == "direct":
+        if chain in ("direct", "hypercorn"):
             run.write_pids(["server"])
             load = run.start("load", run.python("load", spec, "--port", str(port)))
         elif chain.startswith("proxy+"):
@@ -1174,7 +1246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-dir", metavar="DIR", help="keep every party's stdout/stderr here")
     # Internal: the child processes.
     p.add_argument(
-        "--role", choices=("orchestrator", "server", "load", "pyrelay"), help=argparse.SUPPRESS
+        "--role",
+        choices=("orchestrator", "server", "front", "load", "pyrelay"),
+        help=argparse.SUPPRESS,
     )
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
