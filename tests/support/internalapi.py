@@ -10,22 +10,20 @@ answers with hop-by-hop headers, ``POST /slow?ms=N`` reads the body, then sleeps
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from functools import partial
 from itertools import chain
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 import attrs
 import h11
 import trio
-from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from quart_trio import QuartTrio
-from trio_websocket import WebSocketConnection, wrap_client_stream
+from trio_websocket import WebSocketConnection
 
 from visiona_services.remote_proxy.config import ProxyConfig
 from visiona_services.remote_proxy.internal_app import (
@@ -42,17 +40,18 @@ from .tunnelhttp import (
     HttpDigest,
     HttpResponse,
     LocalApp,
+    LocalServer,
     Message,
-    MiB,
     Receive,
     Send,
+    browser_websocket,
+    http_download,
     http_exchange,
     http_request,
     respond,
+    serve_on_loopback,
+    websocket_handshake,
 )
-
-if TYPE_CHECKING:
-    from hypercorn.typing import ASGIFramework
 
 SECRET = "internal-secret-for-tests"
 TOKEN = "token-1"
@@ -93,18 +92,13 @@ class ProxyLocalApp(LocalApp):
 
 
 @dataclass
-class ProxyLocalServer:
+class ProxyLocalServer(LocalServer):
     app: ProxyLocalApp
-    port: int
 
 
 async def start_proxy_local_server(nursery: trio.Nursery) -> ProxyLocalServer:
     app = ProxyLocalApp("local-1")
-    config = HypercornConfig()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    binds: list[str] = await nursery.start(partial(serve, cast("ASGIFramework", app), config))
-    return ProxyLocalServer(app, int(binds[0].rsplit(":", 1)[1]))
+    return ProxyLocalServer(app, await serve_on_loopback(nursery, app))
 
 
 # -- the proxy ------------------------------------------------------------------------------
@@ -183,17 +177,7 @@ def json_of(response: HttpResponse) -> Any:
 
 async def download_digest(port: int, target: str) -> HttpDigest:
     """GET with the secret; the body is hashed as it arrives, never held."""
-    with trio.fail_after(HTTP_TIMEOUT):
-        async with http_exchange(port) as exchange:
-            await exchange.send_request("GET", target, headers=[("connection", "close"), AUTH])
-            response = await exchange.receive_response()
-            digest = hashlib.sha256()
-            size = 0
-            while piece := await exchange.receive_body_piece():
-                digest.update(piece)
-                size += len(piece)
-    fields = {name.decode().lower(): value.decode() for name, value in response.headers}
-    return HttpDigest(response.status_code, fields, size, digest.hexdigest())
+    return await http_download(port, target, headers=[("connection", "close"), AUTH])
 
 
 def _data(piece: bytes) -> h11.Data:
@@ -226,48 +210,16 @@ async def upload_pattern(
                         await trio.sleep(pause[1])
 
             nursery.start_soon(send_body)
-            response = await exchange.receive_response()
-            body = bytearray()
-            while piece := await exchange.receive_body_piece():
-                body += piece
-    pairs = [(name.decode().lower(), value.decode()) for name, value in response.headers]
-    return HttpResponse(response.status_code, dict(pairs), bytes(body), pairs)
+            return await exchange.receive_whole_response()
 
 
 async def refused_websocket(port: int, target: str, *, auth: bool = True) -> HttpResponse:
     """A WebSocket handshake that is expected to be answered with an HTTP status."""
-    upgrade = [
-        ("connection", "Upgrade"),
-        ("upgrade", "websocket"),
-        ("sec-websocket-version", "13"),
-        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
-        *([AUTH] if auth else []),
-    ]
-    response = await http_request(port, "GET", target, headers=upgrade)
-    assert response.status != 101, "the handshake was accepted"
-    return response
+    return await websocket_handshake(port, target, [AUTH] if auth else [])
 
 
-@asynccontextmanager
-async def caller_websocket(
+def caller_websocket(
     port: int, resource: str, headers: Headers = ()
-) -> AsyncIterator[WebSocketConnection]:
-    """trio-websocket as the api-server, with the secret, on a TCP stream we close
-    ourselves (see ``tunnelhttp.browser_websocket``)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    extra = [(name.encode(), value.encode()) for name, value in [AUTH, *headers]]
-    async with stream, trio.open_nursery() as nursery:
-        ws = await wrap_client_stream(
-            nursery,
-            stream,
-            f"127.0.0.1:{port}",
-            resource,
-            extra_headers=extra,
-            max_message_size=16 * MiB,
-        )
-        try:
-            yield ws
-        finally:
-            with trio.move_on_after(5):
-                await ws.aclose()
-            nursery.cancel_scope.cancel()
+) -> AbstractAsyncContextManager[WebSocketConnection]:
+    """trio-websocket as the api-server, with the secret (``tunnelhttp.browser_websocket``)."""
+    return browser_websocket(port, resource, [AUTH, *headers])

@@ -1,9 +1,11 @@
 """HTTP and WebSocket ends for tunnel tests: the agent's local server and the callers.
 
 * ``LocalApp`` / ``start_local_server``: a raw ASGI app on hypercorn, the server an agent
-  forwards to (routes in ``LocalApp``'s docstring).
+  forwards to (routes in ``LocalApp``'s docstring); ``serve_on_loopback`` serves any ASGI
+  app that way.
 * ``http_request`` / ``http_exchange`` / ``http_download``: a tiny HTTP/1.1 client, h11 over
   ``trio.open_tcp_stream`` (httpx is not a dependency of the project).
+* ``hang_up_mid_download``: a caller that gives up while the body is still coming.
 * ``browser_websocket``: trio-websocket as the browser; ``websocket_handshake`` for a
   handshake that is expected to be refused.
 """
@@ -41,6 +43,24 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body, from every ``http.request`` message."""
+    received = bytearray()
+    more = True
+    while more:
+        message = await receive()
+        received += message.get("body", b"")
+        more = message.get("more_body", False)
+    return bytes(received)
+
+
+async def run_lifespan(receive: Receive, send: Send) -> None:
+    """Answer the lifespan protocol: start up at once, shut down when told."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
+
+
 async def respond(send: Send, status: int, body: bytes, headers: Sequence[Any] = ()) -> None:
     """A whole response; no Content-Length for statuses that have no body."""
     framing = [] if status in (204, 304) else [(b"content-length", str(len(body)).encode())]
@@ -74,9 +94,7 @@ class LocalApp:
         elif scope["type"] == "websocket":
             await self._websocket(scope, receive, send)
         elif scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await run_lifespan(receive, send)
 
     async def _http(self, scope: Message, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
@@ -85,13 +103,7 @@ class LocalApp:
             headers = [(b"x-query", scope["query_string"]), (b"content-type", b"text/plain")]
             await respond(send, 200, f"hello from {self.name}".encode(), headers)
         elif method == "POST" and path == "/echo":
-            received = bytearray()
-            more = True
-            while more:
-                message = await receive()
-                received += message.get("body", b"")
-                more = message.get("more_body", False)
-            await respond(send, 200, bytes(received))
+            await respond(send, 200, await read_body(receive))
         elif method == "POST" and path == "/sha256":
             digest = hashlib.sha256()
             size = 0
@@ -178,14 +190,20 @@ class LocalServer:
         return f"127.0.0.1:{self.port}"
 
 
-async def start_local_server(nursery: trio.Nursery, name: str) -> LocalServer:
-    app = LocalApp(name)
+async def serve_on_loopback(nursery: trio.Nursery, app: Callable[..., Awaitable[None]]) -> int:
+    """Serve the ASGI ``app`` with hypercorn on 127.0.0.1 (a free port, no access log) in
+    ``nursery``; the port."""
     config = HypercornConfig()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
-    # LocalApp takes plain dicts, not hypercorn's TypedDict unions.
+    # Our apps take plain dicts, not hypercorn's TypedDict unions.
     binds: list[str] = await nursery.start(partial(serve, cast("ASGIFramework", app), config))
-    return LocalServer(app, int(binds[0].rsplit(":", 1)[1]))
+    return int(binds[0].rsplit(":", 1)[1])
+
+
+async def start_local_server(nursery: trio.Nursery, name: str) -> LocalServer:
+    app = LocalApp(name)
+    return LocalServer(app, await serve_on_loopback(nursery, app))
 
 
 def closed_port() -> int:
@@ -206,6 +224,11 @@ class HttpResponse:
     body: bytes
     #: Every header as received (names lower-cased by h11), repeated ones repeated.
     header_list: list[tuple[str, str]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, response: h11.Response, body: bytes) -> HttpResponse:
+        pairs = [(name.decode().lower(), value.decode()) for name, value in response.headers]
+        return cls(response.status_code, dict(pairs), body, pairs)
 
 
 @dataclass
@@ -276,6 +299,14 @@ class HttpExchange:
         assert isinstance(event, h11.Data), event
         return bytes(event.data)
 
+    async def receive_whole_response(self) -> HttpResponse:
+        """The response and all of its body."""
+        response = await self.receive_response()
+        data = bytearray()
+        while piece := await self.receive_body_piece():
+            data += piece
+        return HttpResponse.of(response, bytes(data))
+
 
 @asynccontextmanager
 async def http_exchange(port: int) -> AsyncIterator[HttpExchange]:
@@ -298,19 +329,20 @@ async def http_request(
         async with http_exchange(port) as exchange, trio.open_nursery() as nursery:
             send = partial(exchange.send_request, chunked=chunked, headers=headers)
             nursery.start_soon(send, method, target, body)
-            response = await exchange.receive_response()
-            data = bytearray()
-            while piece := await exchange.receive_body_piece():
-                data += piece
-        pairs = [(name.decode().lower(), value.decode()) for name, value in response.headers]
-        return HttpResponse(response.status_code, dict(pairs), bytes(data), pairs)
+            return await exchange.receive_whole_response()
 
 
-async def http_download(port: int, target: str, *, timeout: float = HTTP_TIMEOUT) -> HttpDigest:
+async def http_download(
+    port: int,
+    target: str,
+    *,
+    timeout: float = HTTP_TIMEOUT,
+    headers: Sequence[tuple[str, str]] = (("connection", "close"),),
+) -> HttpDigest:
     """GET ``target``; hash the body as it arrives (a large download is never held)."""
     with trio.fail_after(timeout):
         async with http_exchange(port) as exchange:
-            await exchange.send_request("GET", target)
+            await exchange.send_request("GET", target, headers=headers)
             response = await exchange.receive_response()
             digest = hashlib.sha256()
             size = 0
@@ -321,8 +353,30 @@ async def http_download(port: int, target: str, *, timeout: float = HTTP_TIMEOUT
     return HttpDigest(response.status_code, fields, size, digest.hexdigest())
 
 
-async def websocket_handshake(port: int, target: str) -> HttpResponse:
-    """A WebSocket opening handshake that is expected to be refused.
+async def hang_up_mid_download(
+    port: int,
+    target: str,
+    *,
+    after: int = MiB,
+    headers: Sequence[tuple[str, str]] = (("connection", "close"),),
+) -> int:
+    """GET ``target``, read ``after`` bytes of the body or more, then close the connection
+    while the rest is still coming: a caller that gives up. The response's status."""
+    async with http_exchange(port) as exchange:
+        await exchange.send_request("GET", target, headers=headers)
+        status = (await exchange.receive_response()).status_code
+        received = 0
+        while received < after:
+            piece = await exchange.receive_body_piece()
+            assert piece, f"the body (status {status}) ended after {received} bytes"
+            received += len(piece)
+    return status
+
+
+async def websocket_handshake(
+    port: int, target: str, headers: Sequence[tuple[str, str]] = ()
+) -> HttpResponse:
+    """A WebSocket opening handshake (with ``headers`` added) that is expected to be refused.
 
     (trio-websocket 0.12 leaves the socket of a refused handshake unclosed, which
     ``filterwarnings = error`` turns into a failure, so h11 asks instead.)
@@ -332,6 +386,7 @@ async def websocket_handshake(port: int, target: str) -> HttpResponse:
         ("upgrade", "websocket"),
         ("sec-websocket-version", "13"),
         ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        *headers,
     ]
     response = await http_request(port, "GET", target, headers=upgrade)
     assert response.status != 101, "the handshake was accepted"
@@ -339,16 +394,25 @@ async def websocket_handshake(port: int, target: str) -> HttpResponse:
 
 
 @asynccontextmanager
-async def browser_websocket(port: int, resource: str) -> AsyncIterator[WebSocketConnection]:
-    """trio-websocket as the browser, on a TCP stream we close ourselves.
+async def browser_websocket(
+    port: int, resource: str, headers: Sequence[tuple[str, str]] = ()
+) -> AsyncIterator[WebSocketConnection]:
+    """trio-websocket as the browser (sending ``headers`` too), on a TCP stream we close
+    ourselves.
 
     (trio-websocket 0.12's client never closes its socket when the server closes first:
     its reader stops at the server's TCP close and ``aclose`` returns early.)
     """
     stream = await trio.open_tcp_stream("127.0.0.1", port)
+    extra = [(name.encode(), value.encode()) for name, value in headers]
     async with stream, trio.open_nursery() as nursery:
         ws = await wrap_client_stream(
-            nursery, stream, f"127.0.0.1:{port}", resource, max_message_size=16 * MiB
+            nursery,
+            stream,
+            f"127.0.0.1:{port}",
+            resource,
+            extra_headers=extra,
+            max_message_size=16 * MiB,
         )
         try:
             yield ws

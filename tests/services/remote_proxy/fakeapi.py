@@ -9,19 +9,10 @@ The token picks the answer: ``good-*`` -> 200 with device id ``dev-<rest>``; ``s
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
-from typing import TYPE_CHECKING, Any, cast
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
-
-if TYPE_CHECKING:
-    from hypercorn.typing import ASGIFramework
-
-Message = dict[str, Any]
+from support.tunnelhttp import Message, Receive, Send, read_body, run_lifespan, serve_on_loopback
 
 
 @dataclass
@@ -41,25 +32,13 @@ class FakeApiServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    async def __call__(
-        self,
-        scope: Message,
-        receive: Callable[[], Awaitable[Message]],
-        send: Callable[[Message], Awaitable[None]],
-    ) -> None:
+    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await run_lifespan(receive, send)
             return
-        body = bytearray()
-        more = True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
+        body = await read_body(receive)
         headers = {name.lower(): value for name, value in scope["headers"]}
-        self.requests.append(Seen(scope["method"], scope["path"], headers, bytes(body)))
+        self.requests.append(Seen(scope["method"], scope["path"], headers, body))
         token = json.loads(body)["token"]
         if token.startswith("good-"):
             status, answer = 200, {"success": True, "data": {"device_id": "dev-" + token[5:]}}
@@ -87,9 +66,5 @@ class FakeApiServer:
 
 async def start_fake_api_server(nursery: trio.Nursery) -> FakeApiServer:
     app = FakeApiServer()
-    config = HypercornConfig()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    binds: list[str] = await nursery.start(partial(serve, cast("ASGIFramework", app), config))
-    app.port = int(binds[0].rsplit(":", 1)[1])
+    app.port = await serve_on_loopback(nursery, app)
     return app

@@ -270,12 +270,9 @@ async def test_200_slow_forwards_run_concurrently(
             await go.wait()
             headers = [("connection", "close"), ("Authorization", f"Bearer {SECRET}")]
             await exchange.send_request("GET", target, headers=headers)
-            response = await exchange.receive_response()
-            body = bytearray()
-            while piece := await exchange.receive_body_piece():
-                body += piece
-        assert body == f"slept {delay_ms}".encode()
-        statuses.append(response.status_code)
+            response = await exchange.receive_whole_response()
+        assert response.body == f"slept {delay_ms}".encode()
+        statuses.append(response.status)
 
     with trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery:
