@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import math
 import socket
-import tracemalloc
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -28,6 +27,7 @@ import wsproto
 import wsproto.events
 from hypothesis import given
 from hypothesis import strategies as st
+from support.pyrelay import traced_peak
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from visiona_tunnel.forward import UNREACHABLE_BODY, serve_tunnel_stream
@@ -567,19 +567,6 @@ async def test_body_iterable_failing_resets_the_stream_and_is_the_forward_errors
 
 
 # -- memory stays bounded -------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def traced_peak() -> AsyncIterator[list[int]]:
-    """Yields a list that holds, afterwards, the peak of traced memory above the start."""
-    result: list[int] = []
-    tracemalloc.start()
-    try:
-        start = tracemalloc.get_traced_memory()[0]
-        yield result
-        result.append(tracemalloc.get_traced_memory()[1] - start)
-    finally:
-        tracemalloc.stop()
 
 
 async def test_100_mib_download_keeps_memory_bounded(yamux_tunnel: Tunnel) -> None:
