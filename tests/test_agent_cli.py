@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import trio
+from support.pipes import pump_lines
 from support.pyrelay import PyRelay, start_py_relay
 from support.tunnelhttp import LocalServer, start_local_server
 
@@ -43,18 +44,16 @@ class AgentProcess:
 
     async def pump(self) -> None:
         assert self.process.stderr is not None
-        pending = b""
-        async with self.process.stderr as pipe, self._in:
-            while chunk := await pipe.receive_some():
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for raw in lines:
-                    try:
-                        line = json.loads(raw)
-                    except ValueError:
-                        line = {"unparsed": raw.decode(errors="replace")}
-                    self.lines.append(line)
-                    self._in.send_nowait(line)
+        async with self._in:
+            await pump_lines(self.process.stderr, self._take)
+
+    def _take(self, raw: bytes) -> None:
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            line = {"unparsed": raw.decode(errors="replace")}
+        self.lines.append(line)
+        self._in.send_nowait(line)
 
     async def wait_for(
         self, predicate: Callable[[LogLine], bool], timeout: float = LINE_TIMEOUT

@@ -21,6 +21,7 @@ from pathlib import Path
 import trio
 from support.data import pattern as pattern
 from support.data import sha256_hex as sha256_hex
+from support.pipes import pump_lines
 
 from visiona_tunnel.yamux import Config, Session, Stream, open_session
 
@@ -54,13 +55,11 @@ class GoPeer:
 
     async def _pump_stdout(self) -> None:
         assert self.process.stdout is not None
-        pending = b""
-        async with self.process.stdout as pipe, self._lines_in:
-            while chunk := await pipe.receive_some():
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for line in lines:
-                    self._lines_in.send_nowait(line.decode())
+        async with self._lines_in:
+            await pump_lines(self.process.stdout, self._take_line)
+
+    def _take_line(self, line: bytes) -> None:
+        self._lines_in.send_nowait(line.decode())
 
     async def _pump_stderr(self) -> None:
         assert self.process.stderr is not None

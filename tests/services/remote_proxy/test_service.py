@@ -38,6 +38,7 @@ from support.internalapi import (
     start_proxy_local_server,
     upload_pattern,
 )
+from support.pipes import pump_lines
 from support.pyagent import FAST, PyAgent, start_py_agent
 from support.tunnelapp import TunnelEvents
 from support.tunnelhttp import HttpResponse, MiB, http_exchange
@@ -474,15 +475,13 @@ class ServiceProcess:
 
     async def pump(self) -> None:
         assert self.process.stderr is not None
-        pending = b""
-        async with self.process.stderr as pipe, self._in:
-            while chunk := await pipe.receive_some():
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                for raw in lines:
-                    line = raw.decode(errors="replace")
-                    self.lines.append(line)
-                    self._in.send_nowait(line)
+        async with self._in:
+            await pump_lines(self.process.stderr, self._take)
+
+    def _take(self, raw: bytes) -> None:
+        line = raw.decode(errors="replace")
+        self.lines.append(line)
+        self._in.send_nowait(line)
 
     async def next_record(self) -> dict[str, Any]:
         """The next stderr line, which must be a JSON object."""
