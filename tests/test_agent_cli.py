@@ -20,7 +20,7 @@ import pytest
 import trio
 from support.pipes import pump_lines
 from support.pyrelay import PyRelay, start_py_relay
-from support.tunnelhttp import LocalServer, start_local_server
+from support.tunnelhttp import LocalServer
 
 from visiona_tunnel.relay import TunnelDown, TunnelEvent
 
@@ -72,11 +72,6 @@ class AgentProcess:
 
 def is_state(state: str) -> Callable[[LogLine], bool]:
     return lambda line: line.get("msg") == "state" and line.get("state") == state
-
-
-@pytest.fixture
-async def local(nursery: trio.Nursery) -> LocalServer:
-    return await start_local_server(nursery, "local-1")
 
 
 @pytest.fixture

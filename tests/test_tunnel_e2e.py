@@ -61,11 +61,6 @@ def state_of(client: TunnelClient) -> ClientState:
 
 
 @pytest.fixture
-async def local(nursery: trio.Nursery) -> LocalServer:
-    return await start_local_server(nursery, "local-1")
-
-
-@pytest.fixture
 async def relay(nursery: trio.Nursery) -> PyRelay:
     return await start_py_relay(nursery, {TOKEN: DEVICE})
 

@@ -40,12 +40,7 @@ DEVICE = "device-1"
 #: Upper bound for one test body.
 TEST_TIMEOUT = 60.0
 
-# -- fixtures: a relay, a local server, an agent connected through the relay ---------------
-
-
-@pytest.fixture
-async def local(nursery: trio.Nursery) -> LocalServer:
-    return await start_local_server(nursery, "local-1")
+# -- fixtures: a relay, an agent connected through it (``local``: tests/conftest.py) ------
 
 
 @pytest.fixture

@@ -28,11 +28,6 @@ TEST_TIMEOUT = 60.0
 
 
 @pytest.fixture
-async def local(nursery: trio.Nursery) -> LocalServer:
-    return await start_local_server(nursery, "local-1")
-
-
-@pytest.fixture
 async def listener(nursery: trio.Nursery) -> TunnelListener:
     return await start_tunnel_listener(nursery, {TOKEN: DEVICE})
 

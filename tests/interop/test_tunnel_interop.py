@@ -6,9 +6,9 @@
   caller is an HTTP client on the Go relay's front (``/forward/<device>/...``,
   ``/ws/<device>/...``).
 
-The agent's local server is ``support.tunnelhttp.LocalApp`` on hypercorn. Tests wait for
-the Go peers' stdout lines, our agent's hooks and our relay's registry; every wait is
-bounded.
+The agent's local server is ``support.tunnelhttp.LocalApp`` on hypercorn (the ``local``
+fixture, in ``tests/conftest.py``). Tests wait for the Go peers' stdout lines, our agent's
+hooks and our relay's registry; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -63,11 +63,6 @@ def local_saw(body: bytes) -> list[tuple[str, str]]:
     """The ``x-*`` and ``user-agent`` request headers the local server's ``/headers`` saw."""
     pairs = [(str(name), str(value)) for name, value in json.loads(body)]
     return [(name, value) for name, value in pairs if name.startswith("x-") or name == "user-agent"]
-
-
-@pytest.fixture
-async def local(nursery: trio.Nursery) -> LocalServer:
-    return await start_local_server(nursery, "local-1")
 
 
 # == the Go agent -> our relay ==================================================================

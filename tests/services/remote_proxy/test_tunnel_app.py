@@ -62,11 +62,6 @@ def server(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def local(nursery: trio.Nursery) -> LocalServer:
-    return await start_local_server(nursery, "local-1")
-
-
-@pytest.fixture
 async def listener(nursery: trio.Nursery, server: str) -> TunnelListener:
     return await start_tunnel_listener(nursery, {TOKEN: DEVICE}, server=server)
 
