@@ -391,40 +391,38 @@ def test_hypercorn_config() -> None:
 # -- the api-server as verifier ---------------------------------------------------------------
 
 
-async def test_api_server_verified_agent_comes_up(
-    nursery: trio.Nursery, local: LocalServer, server: str
-) -> None:
+@pytest.fixture
+async def api_listener(nursery: trio.Nursery, server: str) -> TunnelListener:
+    """The tunnel listener asking the fake api-server (``fakeapi``) about tokens:
+    ``good-9`` is device ``dev-9``, ``status-N`` gets HTTP N from it."""
     api = await start_fake_api_server(nursery)
-    listener = await start_tunnel_listener(
+    return await start_tunnel_listener(
         nursery, verifier=ApiServerVerifier(api.url, "s"), server=server
     )
+
+
+async def test_api_server_verified_agent_comes_up(
+    nursery: trio.Nursery, local: LocalServer, api_listener: TunnelListener
+) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        agent = await start_py_agent(nursery, listener.url, "good-9", local.port)
+        agent = await start_py_agent(nursery, api_listener.url, "good-9", local.port)
         await agent.hooks.wait_for("session_up")
-        tunnel = await listener.state.tunnels.wait_for("dev-9")
+        tunnel = await api_listener.state.tunnels.wait_for("dev-9")
         assert (await fetch(tunnel, "GET", "/hello")).status == 200
     agent.client.stop()
 
 
-async def test_api_server_refusal_is_401(nursery: trio.Nursery, server: str) -> None:
-    api = await start_fake_api_server(nursery)
-    listener = await start_tunnel_listener(
-        nursery, verifier=ApiServerVerifier(api.url, "s"), server=server
-    )
-    rejection = await refused(f"{listener.url}?token=status-404")
+async def test_api_server_refusal_is_401(api_listener: TunnelListener) -> None:
+    rejection = await refused(f"{api_listener.url}?token=status-404")
     assert rejection.status_code == 401
-    assert listener.state.metrics.auth_failures.value() == 1
+    assert api_listener.state.metrics.auth_failures.value() == 1
 
 
-async def test_api_server_failure_is_503_not_401(nursery: trio.Nursery, server: str) -> None:
-    api = await start_fake_api_server(nursery)
-    listener = await start_tunnel_listener(
-        nursery, verifier=ApiServerVerifier(api.url, "s"), server=server
-    )
-    rejection = await refused(f"{listener.url}?token=status-500")
+async def test_api_server_failure_is_503_not_401(api_listener: TunnelListener) -> None:
+    rejection = await refused(f"{api_listener.url}?token=status-500")
     assert rejection.status_code == 503
     assert envelope(rejection)["error"]["code"] == "AUTH_UNAVAILABLE"
-    assert listener.state.metrics.auth_failures.value() == 0
+    assert api_listener.state.metrics.auth_failures.value() == 0
 
 
 async def test_agent_still_writing_gets_our_close_code(listener: TunnelListener) -> None:
