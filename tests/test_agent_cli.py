@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 import trio
-from support.pipes import pump_lines
 from support.pyrelay import PyRelay, start_py_relay
+from support.streams import pump_lines
 from support.tunnelhttp import LocalServer
 
 from visiona_tunnel.relay import TunnelDown, TunnelEvent

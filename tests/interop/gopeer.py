@@ -21,7 +21,8 @@ from pathlib import Path
 import trio
 from support.data import pattern as pattern
 from support.data import sha256_hex as sha256_hex
-from support.pipes import pump_lines
+from support.streams import pump_lines
+from support.streams import receive_exactly as receive_exactly
 
 from visiona_tunnel.yamux import Config, Session, Stream, open_session
 
@@ -137,15 +138,6 @@ async def go_session(
             raise
         finally:
             await peer._stop()
-
-
-async def receive_exactly(stream: Stream, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = await stream.receive_some(size - len(data))
-        assert chunk, f"EOF after {len(data)} of {size} bytes"
-        data += chunk
-    return bytes(data)
 
 
 async def receive_line(stream: Stream) -> bytes:

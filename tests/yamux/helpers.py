@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import trio
 import trio.testing
+from support.streams import receive_exactly as receive_exactly
 
 from visiona_tunnel.yamux import Config, Session, open_session
 
@@ -275,16 +276,6 @@ async def open_raw_pair(
                 open_session(session_end, client=client, config=config)
             )
             yield session, RawPeer(raw_end)
-
-
-async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
-    """Read exactly ``size`` bytes; fail on an early end of file."""
-    received = bytearray()
-    while len(received) < size:
-        chunk = await stream.receive_some(size - len(received))
-        assert chunk, f"end of file after {len(received)} of {size} bytes"
-        received += chunk
-    return bytes(received)
 
 
 async def receive_until_eof(stream: trio.abc.ReceiveStream) -> bytes:

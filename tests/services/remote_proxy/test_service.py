@@ -38,8 +38,8 @@ from support.internalapi import (
     start_proxy_local_server,
     upload_pattern,
 )
-from support.pipes import pump_lines
 from support.pyagent import FAST, PyAgent, start_py_agent
+from support.streams import pump_lines
 from support.tunnelapp import TunnelEvents
 from support.tunnelhttp import HttpResponse, MiB, http_exchange
 from trio_websocket import ConnectionClosed

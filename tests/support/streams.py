@@ -1,10 +1,20 @@
-"""Reading a child process's output pipe line by line, for tests that wait for its lines."""
+"""Reading trio streams in tests: exactly so many bytes, or a child's pipe line by line."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import trio
+
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, size: int) -> bytes:
+    """Read exactly ``size`` bytes; fail on an early end of file."""
+    received = bytearray()
+    while len(received) < size:
+        chunk = await stream.receive_some(size - len(received))
+        assert chunk, f"end of file after {len(received)} of {size} bytes"
+        received += chunk
+    return bytes(received)
 
 
 async def pump_lines(pipe: trio.abc.ReceiveStream, on_line: Callable[[bytes], None]) -> None:
