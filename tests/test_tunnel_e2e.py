@@ -21,7 +21,7 @@ from support.pyrelay import (
     PyRelay,
     fetch,
     fetch_digest,
-    forward,
+    hang_up_mid_body,
     start_py_relay,
     traced_peak,
 )
@@ -181,12 +181,7 @@ async def test_caller_giving_up_mid_download_stops_the_local_request(
     tunnel: Tunnel, local: LocalServer
 ) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        async with forward(tunnel, "GET", f"/bytes/{1024 * MiB}") as response:
-            received = 0
-            async for chunk in response.body:
-                received += len(chunk)
-                if received >= MiB:
-                    break
+        await hang_up_mid_body(tunnel, f"/bytes/{1024 * MiB}")
         # aclose before the end: reset -> the agent stops -> hypercorn sees a disconnect
         await local.app.download_aborted.wait()
         response2 = await fetch(tunnel, "GET", "/hello")

@@ -1,5 +1,6 @@
 """Our relay (``serve_tunnel_listener`` + ``TunnelRegistry``) on loopback, and a caller's
-view of it: send one request through a tunnel and get the response whole or hashed.
+view of it: send one request through a tunnel and get the response whole or hashed, or
+give up half way.
 
 ``PyRelay`` can be stopped and started again on the same port, like a restarted relay
 process (each start gets a fresh registry, as a new process would have).
@@ -134,6 +135,17 @@ async def fetch(
         async for chunk in response.body:
             data += chunk
         return Fetched(response.status, response.headers, bytes(data))
+
+
+async def hang_up_mid_body(tunnel: Tunnel, target: str, *, after: int = 1024 * 1024) -> None:
+    """GET ``target`` through ``tunnel``, read ``after`` bytes of the body or more, then close
+    the response while the rest is still coming: a caller that gives up."""
+    async with forward(tunnel, "GET", target) as response:
+        received = 0
+        async for chunk in response.body:
+            received += len(chunk)
+            if received >= after:
+                break
 
 
 async def fetch_digest(
