@@ -80,6 +80,17 @@ class ProxyLocalApp(LocalApp):
                 (b"X-Kept", b"yes"),
             ]
             await respond(send, 200, b"hop", headers)
+        elif path == "/request-id":  # answers with the X-Request-ID it got
+            echoed = [(n, v) for n, v in scope["headers"] if n.lower() == b"x-request-id"]
+            await respond(send, 200, b"id", echoed)
+        elif path == "/stall":  # never reads the body, never answers
+            await trio.sleep_forever()
+        elif path.startswith("/bytes/") and scope["method"] == "POST":  # never reads the body
+            size = int(path.removeprefix("/bytes/"))
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            for piece in pattern_pieces(size, 64 * 1024):
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
         elif path == "/slow" and scope["method"] == "POST":  # reads the body, then sleeps
             while (await receive()).get("more_body", False):
                 pass
@@ -112,17 +123,19 @@ class Proxy:
     port: int
     #: What an agent dials.
     relay_url: str
+    #: The device id that ``TOKEN`` stands for.
+    device: str = DEVICE
 
 
-async def start_proxy(nursery: trio.Nursery, **config: Any) -> Proxy:
+async def start_proxy(nursery: trio.Nursery, *, device: str = DEVICE, **config: Any) -> Proxy:
     """The internal app and a relay listener sharing one ``ProxyState`` (device token
-    ``TOKEN`` -> ``DEVICE``); ``config`` overrides ``ProxyConfig`` fields."""
+    ``TOKEN`` -> ``device``); ``config`` overrides ``ProxyConfig`` fields."""
     proxy_config = ProxyConfig(internal_secret=SECRET, internal_port=0, **config)
     state = ProxyState.create(proxy_config)
 
     async def verify(token: str) -> str | None:
         await trio.lowlevel.checkpoint()
-        return DEVICE if token == TOKEN else None
+        return device if token == TOKEN else None
 
     listen = partial(serve_tunnel_listener, state.tunnels, verify, host="127.0.0.1", port=0)
     listeners: list[trio.SocketListener] = await nursery.start(listen)
@@ -135,14 +148,15 @@ async def start_proxy(nursery: trio.Nursery, **config: Any) -> Proxy:
         app,
         int(binds[0].rsplit(":", 1)[1]),
         f"ws://127.0.0.1:{relay_port}/tunnel/connect",
+        device,
     )
 
 
 async def connect_agent(nursery: trio.Nursery, proxy: Proxy, local_port: int) -> PyAgent:
-    """Our agent for ``DEVICE``, with its tunnel registered."""
+    """Our agent for ``proxy.device``, with its tunnel registered."""
     agent = await start_py_agent(nursery, proxy.relay_url, TOKEN, local_port)
     with trio.fail_after(10):
-        await proxy.state.tunnels.wait_for(DEVICE)
+        await proxy.state.tunnels.wait_for(proxy.device)
     return agent
 
 

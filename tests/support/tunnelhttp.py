@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
+import h2.config
+import h2.connection
+import h2.events
 import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -257,7 +260,10 @@ class HttpExchange:
         *,
         chunked: bool = False,
         headers: Sequence[tuple[str, str]] = (("connection", "close"),),
+        end: bool = True,
     ) -> None:
+        """Send the request and ``body``; ``end=False``: the body goes on with
+        :meth:`send_body_piece` (``headers`` give its framing)."""
         headers = [("host", f"127.0.0.1:{self.port}"), *headers]
         if body is not None:
             headers.append(
@@ -268,12 +274,16 @@ class HttpExchange:
         )
         for offset in range(0, len(body or b""), 64 * 1024):
             assert body is not None
-            data = self.conn.send(h11.Data(data=body[offset : offset + 64 * 1024]))
+            await self.send_body_piece(body[offset : offset + 64 * 1024])
+        if end:
+            data = self.conn.send(h11.EndOfMessage())
             assert data is not None
             await self.stream.send_all(data)
-        end = self.conn.send(h11.EndOfMessage())
-        assert end is not None
-        await self.stream.send_all(end)
+
+    async def send_body_piece(self, piece: bytes) -> None:
+        data = self.conn.send(h11.Data(data=piece))
+        assert data is not None
+        await self.stream.send_all(data)
 
     async def _next_event(self) -> h11.Event:
         while True:
@@ -371,6 +381,32 @@ async def hang_up_mid_download(
             assert piece, f"the body (status {status}) ended after {received} bytes"
             received += len(piece)
     return status
+
+
+async def h2_request(
+    port: int, headers: Sequence[tuple[str, str]], body: bytes
+) -> tuple[int, bytes]:
+    """One HTTP/2 request (cleartext, prior knowledge) with ``body`` in one DATA frame and
+    no ``content-length``: the response's status and body."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    stream_id = conn.get_next_available_stream_id()
+    conn.send_headers(stream_id, list(headers))
+    conn.send_data(stream_id, body, end_stream=True)
+    status, data = 0, bytearray()
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        while True:
+            await stream.send_all(conn.data_to_send())
+            received = await stream.receive_some(64 * 1024)
+            assert received, "the server closed the connection"
+            for event in conn.receive_data(received):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    return status, bytes(data)
 
 
 async def websocket_handshake(

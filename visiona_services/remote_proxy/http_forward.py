@@ -23,13 +23,23 @@ the tunnel broke mid-body                            the response ends abruptly 
                                                      sees a short body)
 ==================================================  =========================================
 
-``forward_timeout`` counts the time spent waiting on the tunnel before the response head:
-it restarts with each chunk of the request body and is paused while the caller's next
-chunk is awaited, so a large (or slowly sent) upload is not cut, while an agent that stops
-reading or answering is. There is no time limit after the head.
+``forward_timeout`` bounds how long the tunnel may keep us waiting: for the response head,
+and for each chunk of the request body to be taken (the agent may answer before it has
+read the whole body, and go on reading it while the response streams). The clock restarts
+with each chunk and stops while the caller's next chunk is awaited, so a large (or slowly
+sent) upload is not cut, while an agent that stops reading or answering is: before the
+head with 504, after it by ending the response abruptly. Reading the response body has no
+time limit.
 
 A caller that goes away (``http.disconnect``) ends the exchange: the tunnel stream is
-reset, so the agent stops its local request.
+reset, so the agent stops its local request. Whether the request has a body is taken
+from its first ``http.request`` message, not from its headers (an HTTP/2 request may
+have a body and neither ``Content-Length`` nor ``Transfer-Encoding``).
+
+Once the upload stops reading the caller -- the body ended, the upload failed or was
+abandoned -- another task reads ``receive()`` until the exchange ends, discarding what is
+left of the body. hypercorn's queue of request messages is bounded, and it blocks (inside
+our ``send()``) to report a disconnect when the queue is full: somebody must keep reading.
 """
 
 from __future__ import annotations
@@ -96,21 +106,15 @@ def response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes
     return _without_hop_by_hop(headers)
 
 
-def _has_body(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """Whether the request has a body (RFC 9112 6.3: a length other than 0, or chunked)."""
-    for name, value in headers:
-        lower = name.lower()
-        if lower == b"transfer-encoding" or (lower == b"content-length" and value.strip() != b"0"):
-            return True
-    return False
-
-
-class _HeadTimer:
-    """The deadline for the response head: ``timeout`` of waiting on the tunnel."""
+class _TunnelTimer:
+    """``forward_timeout`` of waiting on the tunnel (see the module docstring): the deadline
+    of :attr:`scope`, which covers the exchange with the tunnel."""
 
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.scope = trio.CancelScope()
+        #: Until the head, the tunnel owes us one; after it, only an upload chunk in flight.
+        self.head_pending = True
         self.restart()
 
     def restart(self) -> None:
@@ -119,22 +123,32 @@ class _HeadTimer:
     def pause(self) -> None:
         self.scope.deadline = math.inf
 
+    def head_arrived(self, upload_done: bool) -> None:
+        self.head_pending = False
+        if upload_done:
+            self.pause()
+
+    def upload_done(self) -> None:
+        if not self.head_pending:
+            self.pause()
+
 
 class _Caller:
     """The caller's side of the ASGI exchange: its request body, read for the upload (an
     async iterator of chunks), then its disconnect.
 
-    ``receive()`` is only ever called by one task at a time: the upload until the body
-    has ended, then :meth:`watch`. On ``http.disconnect`` the body iterator never returns
-    (a short body must not reach the agent as a complete request): it calls
+    ``receive()`` is read by one task at a time: the upload, until it stops reading (the
+    body ended, or :meth:`aclose`/:meth:`release`), then :meth:`watch`, which discards
+    what is left of the body. On ``http.disconnect`` the body iterator never returns (a
+    short body must not reach the agent as a complete request): it calls
     ``on_disconnect``, which cancels the exchange.
     """
 
     def __init__(
         self,
         receive: Receive,
-        has_body: bool,
-        timer: _HeadTimer,
+        first: Message,
+        timer: _TunnelTimer,
         on_disconnect: Callable[[], object],
         on_bytes: Callable[[int], object],
     ) -> None:
@@ -144,15 +158,26 @@ class _Caller:
         self._on_bytes = on_bytes
         #: Set when the body iterator stops reading (its end, or the caller left).
         self._handed_over = trio.Event()
-        self.body_complete = not has_body
         self.disconnected = False
-        if not has_body:
+        #: The first ``http.request`` message's body, not yet handed out.
+        self._pending: bytes = first.get("body", b"")
+        self.body_complete = not first.get("more_body", False)
+        if self._pending:
+            self._on_bytes(len(self._pending))
+        if self.body_complete:
             self._handed_over.set()
+
+    def whole_body(self) -> bytes | None:
+        """The body, if the first message held all of it."""
+        return self._pending if self.body_complete else None
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
 
     async def __anext__(self) -> bytes:
+        if self._pending:
+            first, self._pending = self._pending, b""
+            return first
         while not self.body_complete:
             self._timer.pause()  # waiting on the caller is not the tunnel's fault
             message = await self._receive()
@@ -167,10 +192,22 @@ class _Caller:
             if chunk:
                 self._on_bytes(len(chunk))
                 return chunk
+        self._timer.upload_done()
         raise StopAsyncIteration
 
+    async def aclose(self) -> None:
+        """The upload's end, whatever the reason (httpstream calls it)."""
+        self.release()
+        await trio.lowlevel.checkpoint()
+
+    def release(self) -> None:
+        """The upload reads no more (it ended, or never started): :meth:`watch` takes
+        ``receive()`` over."""
+        self._handed_over.set()
+
     async def watch(self) -> None:
-        """Once the body is read (or was never there), wait for the caller to leave."""
+        """Once the upload stopped reading, discard the rest of the body and wait for the
+        caller to leave."""
         await self._handed_over.wait()
         while not self.disconnected:
             message: Message = await self._receive()
@@ -220,18 +257,20 @@ class _Exchange:
     async def run(self, target: bytes) -> int:
         """Forward; returns the status to count."""
         metrics = self.state.metrics
-        headers: list[tuple[bytes, bytes]] = list(self.scope["headers"])
-        timer = _HeadTimer(self.state.config.forward_timeout)
+        first: Message = await self.receive()
+        if first["type"] == "http.disconnect":
+            return self.status
+        timer = _TunnelTimer(self.state.config.forward_timeout)
         async with trio.open_nursery() as nursery:
             caller = _Caller(
                 self.receive,
-                _has_body(headers),
+                first,
                 timer,
                 on_disconnect=nursery.cancel_scope.cancel,
                 on_bytes=lambda n: metrics.forward_bytes_in.inc(n),
             )
             nursery.start_soon(caller.watch)
-            await self._forward(target, headers, caller, timer)
+            await self._forward(target, caller, timer)
             nursery.cancel_scope.cancel()
         if caller.disconnected:
             logger.info(
@@ -239,32 +278,40 @@ class _Exchange:
             )
         return self.status
 
-    async def _forward(
-        self, target: bytes, headers: list[tuple[bytes, bytes]], caller: _Caller, timer: _HeadTimer
-    ) -> None:
+    async def _forward(self, target: bytes, caller: _Caller, timer: _TunnelTimer) -> None:
         metrics = self.state.metrics
-        body: bytes | _Caller = b"" if caller.body_complete else caller
-        outgoing = forwarded_headers(headers, current_request_id.get())
+        whole = caller.whole_body()
+        body: bytes | _Caller = caller if whole is None else whole
+        outgoing = forwarded_headers(self.scope["headers"], current_request_id.get())
         start = trio.current_time()
+        failure: tuple[int, str, str] | None = None
         response: HttpResponse | None = None
-        try:
-            with timer.scope:
+        with timer.scope:
+            try:
                 response = await self.tunnel.forward_http(
                     self.scope["method"], target, outgoing, body
                 )
-        except (ForwardError, yamux.StreamReset, yamux.StreamsExhausted) as exc:
-            logger.info("forward failed", extra={"device": self.tunnel.key, "error": repr(exc)})
-            await self._fail(502, "TUNNEL_ERROR", "the tunnel failed before the response")
-            return
-        except yamux.SessionClosed:
-            await self._fail(502, "TUNNEL_DISCONNECTED", "the device's tunnel is closing")
-            return
-        if response is None:  # the timer ran out
-            await self._fail(504, "TUNNEL_TIMEOUT", "the device did not answer in time")
-            return
-        metrics.forward_seconds.observe(trio.current_time() - start)
-        async with response:
-            await self._stream_response(response)
+            except (ForwardError, yamux.StreamReset, yamux.StreamsExhausted) as exc:
+                logger.info("forward failed", extra={"device": self.tunnel.key, "error": repr(exc)})
+                failure = (502, "TUNNEL_ERROR", "the tunnel failed before the response")
+            except yamux.SessionClosed:
+                failure = (502, "TUNNEL_DISCONNECTED", "the device's tunnel is closing")
+            else:
+                timer.head_arrived(upload_done=caller.body_complete)
+                metrics.forward_seconds.observe(trio.current_time() - start)
+                async with response:
+                    await self._stream_response(response)
+        # forward_http has ended the upload if it failed; the watcher reads from here on.
+        caller.release()
+        if response is None:
+            await self._fail(
+                *(failure or (504, "TUNNEL_TIMEOUT", "the device did not answer in time"))
+            )
+        elif timer.scope.cancelled_caught:
+            logger.warning(
+                "the tunnel stopped taking the request body; response cut",
+                extra={"device": self.tunnel.key, "timeout": timer.timeout},
+            )
 
     async def _stream_response(self, response: HttpResponse) -> None:
         metrics = self.state.metrics

@@ -133,8 +133,9 @@ RAW_ROUTES: tuple[RawRoute, ...] = (
 
 
 class _ResponseWatch:
-    """Wraps ``send``: adds ``X-Request-ID`` to the response head and remembers the
-    status (for the access log, and to know whether an error can still be answered)."""
+    """Wraps ``send``: sets ``X-Request-ID`` on the response head (replacing a device's
+    own) and remembers the status (for the access log, and to know whether an error can
+    still be answered)."""
 
     def __init__(self, send: Send, request_id: str) -> None:
         self._send = send
@@ -142,13 +143,17 @@ class _ResponseWatch:
         self.status: int | None = None
         self.accepted = False
 
+    def _with_request_id(self, message: Message) -> Message:
+        headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
+        return {**message, "headers": [*headers, self._header]}
+
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind in ("http.response.start", "websocket.http.response.start"):
-            message = {**message, "headers": [*message.get("headers", ()), self._header]}
+            message = self._with_request_id(message)
             self.status = int(message["status"])
         elif kind == "websocket.accept":
-            message = {**message, "headers": [*message.get("headers", ()), self._header]}
+            message = self._with_request_id(message)
             self.status, self.accepted = 101, True
         elif kind == "websocket.close" and self.status is None:
             self.status = 403  # hypercorn refuses the handshake
@@ -271,11 +276,12 @@ def _register_routes(app: QuartTrio, state: ProxyState) -> None:
         sessions = sorted((session_json(t.stats()) for t in state.tunnels), key=_by_device)
         return json_response(200, ok_envelope(sessions))
 
-    @app.get("/internal/sessions/<device_id>")
+    # ``path``: a device id may hold "/", which hypercorn has unescaped from %2F by now.
+    @app.get("/internal/sessions/<path:device_id>")
     async def get_session(device_id: str) -> quart.Response:
         return json_response(200, ok_envelope(session_json(tunnel_of(device_id))))
 
-    @app.delete("/internal/sessions/<device_id>")
+    @app.delete("/internal/sessions/<path:device_id>")
     async def close_session(device_id: str) -> quart.Response:
         tunnel = state.tunnels.get(device_id)
         if tunnel is None:

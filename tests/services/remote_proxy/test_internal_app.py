@@ -7,6 +7,7 @@ Waits are on events, hooks and ``InFlight.wait_idle``, each bounded.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -16,7 +17,8 @@ from datetime import datetime
 import h11
 import pytest
 import trio
-from support.data import pattern, pattern_sha256
+import trio.testing
+from support.data import pattern, pattern_pieces, pattern_sha256
 from support.internalapi import (
     AUTH,
     DEVICE,
@@ -36,7 +38,15 @@ from support.internalapi import (
 )
 from support.pyagent import PyAgent
 from support.pyrelay import MEMORY_BOUND, traced_peak
-from support.tunnelhttp import HttpResponse, MiB, closed_port, hang_up_mid_download, http_exchange
+from support.tunnelhttp import (
+    HttpExchange,
+    HttpResponse,
+    MiB,
+    closed_port,
+    h2_request,
+    hang_up_mid_download,
+    http_exchange,
+)
 from trio_websocket import ConnectionClosed
 
 from visiona_services.common.logs import json_handler
@@ -237,6 +247,20 @@ async def test_session_by_device(proxy: Proxy, agent: PyAgent) -> None:
         response = await call(proxy.port, "GET", f"/internal/sessions/{DEVICE}")
     assert response.status == 200
     assert json_of(response)["data"]["device_id"] == DEVICE
+
+
+async def test_a_device_id_with_a_slash_is_looked_up_and_closed_escaped(
+    nursery: trio.Nursery, local: ProxyLocalServer
+) -> None:
+    proxy = await start_proxy(nursery, device="site/cam 1")
+    await connect_agent(nursery, proxy, local.port)
+    with trio.fail_after(TEST_TIMEOUT):
+        response = await call(proxy.port, "GET", "/internal/sessions/site%2Fcam%201")
+        assert json_of(response)["data"]["device_id"] == "site/cam 1"
+        forwarded = await call(proxy.port, "GET", "/internal/forward/site%2Fcam%201/hello")
+        assert forwarded.body == b"hello from local-1"
+        response = await call(proxy.port, "DELETE", "/internal/sessions/site%2Fcam%201")
+    assert json_of(response)["data"] == {"device_id": "site/cam 1", "closed": True}
 
 
 async def test_unknown_session_is_404(proxy: Proxy) -> None:
@@ -505,6 +529,76 @@ async def test_tunnel_lost_mid_body_ends_the_response_short(proxy: Proxy, agent:
             with pytest.raises(h11.RemoteProtocolError):
                 while await exchange.receive_body_piece():
                     pass
+
+
+async def _send_until_blocked(exchange: HttpExchange, target: str, size: int) -> None:
+    """POST ``target`` with a ``size``-byte Content-Length, then body bytes until the
+    connection is closed under us."""
+    headers = [("connection", "close"), AUTH, ("content-length", str(size))]
+    await exchange.send_request("POST", target, headers=headers, end=False)
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        for piece in pattern_pieces(size):
+            await exchange.send_body_piece(piece)
+
+
+async def test_caller_leaving_during_a_stalled_upload_ends_the_forward(
+    proxy: Proxy, agent: PyAgent
+) -> None:
+    # The local server never reads: the upload fills the tunnel's window, then hypercorn's
+    # queue of request messages, then the sockets; then the caller leaves.
+    with_config(proxy, forward_timeout=0.5)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery, http_exchange(proxy.port) as exchange:
+            nursery.start_soon(_send_until_blocked, exchange, f"{FORWARD}/stall", 1024 * MiB)
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)
+            await exchange.stream.aclose()
+        await proxy.state.inflight.wait_idle()
+        response = await call(proxy.port, "GET", f"{FORWARD}/hello")
+    assert (response.status, response.body) == (200, b"hello from local-1")
+
+
+async def test_an_upload_the_agent_stops_taking_after_the_head_cuts_the_response(
+    proxy: Proxy, agent: PyAgent
+) -> None:
+    # The local server answers at once, an endless body, and never reads the request's.
+    with_config(proxy, forward_timeout=0.5)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery, http_exchange(proxy.port) as exchange:
+            target = f"{FORWARD}/bytes/{1024 * MiB}"
+            nursery.start_soon(_send_until_blocked, exchange, target, 1024 * MiB)
+            assert (await exchange.receive_response()).status_code == 200
+            with pytest.raises(h11.RemoteProtocolError):  # the body ends short
+                while await exchange.receive_body_piece():
+                    pass
+            nursery.cancel_scope.cancel()
+        await proxy.state.inflight.wait_idle()
+
+
+async def test_an_http2_request_body_without_a_length_is_forwarded(
+    proxy: Proxy, agent: PyAgent
+) -> None:
+    # hypercorn speaks h2c (prior knowledge) on the internal listener too.
+    request = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":authority", "proxy"),
+        (":path", f"{FORWARD}/echo"),
+        ("authorization", AUTH[1]),
+    ]
+    with trio.fail_after(TEST_TIMEOUT):
+        status, body = await h2_request(proxy.port, request, b"important-payload")
+    assert (status, body) == (200, b"important-payload")
+
+
+async def test_the_request_id_appears_once_when_the_device_echoes_it(
+    proxy: Proxy, agent: PyAgent
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        response = await call(
+            proxy.port, "GET", f"{FORWARD}/request-id", headers=[("X-Request-ID", "abc-123")]
+        )
+    assert response.status == 200
+    assert [v for n, v in response.header_list if n == "x-request-id"] == ["abc-123"]
 
 
 async def test_caller_leaving_mid_download_resets_the_agent_stream(
