@@ -6,6 +6,7 @@ import logging
 import os
 import secrets
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -24,6 +25,43 @@ def _positive(instance: object, attribute: attrs.Attribute[float], value: float)
     if not value > 0:
         variable = attribute.metadata.get("env", attribute.name)
         raise ValueError(f"{variable}: must be positive, got {value}")
+
+
+@attrs.frozen
+class ApiServerUrl:
+    """``VISIONA_API_INTERNAL_URL``, checked: ``http://host[:port][/prefix]``."""
+
+    host: str
+    port: int
+    #: ``host[:port]`` as written (credentials dropped), for the ``Host`` header.
+    netloc: str
+    #: The prefix, without a trailing "/".
+    prefix: str
+
+    @classmethod
+    def parse(cls, text: str) -> ApiServerUrl:
+        """Raises ValueError saying what is wrong with ``text``."""
+        parts = urlsplit(text)
+        try:
+            port = parts.port
+        except ValueError as exc:  # not a number, or out of range
+            raise ValueError(f"bad port in {text!r}: {exc}") from None
+        if parts.scheme != "http" or not parts.hostname:
+            raise ValueError(f"expected http://host[:port][/prefix], got {text!r}")
+        if parts.query or parts.fragment:
+            raise ValueError(f"must not have a query or fragment: {text!r}")
+        return cls(
+            parts.hostname, port or 80, parts.netloc.rsplit("@", 1)[-1], parts.path.rstrip("/")
+        )
+
+
+def _api_url(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value:
+        try:
+            ApiServerUrl.parse(value)
+        except ValueError as exc:
+            variable = attribute.metadata.get("env", attribute.name)
+            raise ValueError(f"{variable}: {exc}") from None
 
 
 #: The tunnel listener's implementations (``VISIONA_TUNNEL_SERVER``): our own on trio
@@ -73,7 +111,9 @@ class ProxyConfig:
     static_tokens: str = attrs.field(default="", metadata=env("VISIONA_PROXY_STATIC_TOKENS"))
     #: The api-server's internal base URL, to verify device tokens
     #: (``POST {url}/internal/devices/verify``).
-    api_internal_url: str = attrs.field(default="", metadata=env("VISIONA_API_INTERNAL_URL"))
+    api_internal_url: str = attrs.field(
+        default="", validator=_api_url, metadata=env("VISIONA_API_INTERNAL_URL")
+    )
     log_level: str = attrs.field(default="info", metadata=env("VISIONA_LOG_LEVEL"))
     #: A forwarded request whose response head takes longer than this gets 504.
     forward_timeout: float = attrs.field(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import attrs
 import trio
@@ -21,7 +20,7 @@ import trio
 from visiona_tunnel.httpstream import forward_http
 from visiona_tunnel.relay import TokenVerifier, VerifierUnavailable
 
-from .config import ProxyConfig
+from .config import ApiServerUrl, ProxyConfig
 
 if TYPE_CHECKING:
     from .state import ProxyState
@@ -64,17 +63,9 @@ class ApiServerVerifier:
     """
 
     def __init__(self, base_url: str, internal_secret: str, *, timeout: float = 5.0) -> None:
-        parts = urlsplit(base_url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(
-                f"api-server URL must be http://host[:port][/prefix], got {base_url!r}"
-            )
-        if parts.query or parts.fragment:
-            raise ValueError(f"api-server URL must not have a query or fragment: {base_url!r}")
-        self.host = parts.hostname
-        self.port = parts.port or 80
-        self.netloc = parts.netloc.rsplit("@", 1)[-1]
-        self.target = parts.path.rstrip("/") + VERIFY_PATH
+        url = ApiServerUrl.parse(base_url)  # ValueError: see ProxyConfig's check
+        self.host, self.port, self.netloc = url.host, url.port, url.netloc
+        self.target = url.prefix + VERIFY_PATH
         self.timeout = timeout
         self._secret = internal_secret
 

@@ -9,6 +9,7 @@ import pytest
 import trio
 from support.tunnelhttp import closed_port
 
+from visiona_services.common.envconfig import ConfigError
 from visiona_services.remote_proxy.config import ProxyConfig
 from visiona_services.remote_proxy.verify import (
     ApiServerVerifier,
@@ -100,10 +101,26 @@ async def test_api_unreachable_is_unavailable() -> None:
         await verifier("good-1")
 
 
-@pytest.mark.parametrize("url", ["https://api.internal", "api.internal:80", "http://h/?q=1"])
+BAD_API_URLS = [
+    "https://api.internal",
+    "api.internal:80",
+    "http://h/?q=1",
+    "http://api:99999",
+    "http://api:port",
+]
+
+
+@pytest.mark.parametrize("url", BAD_API_URLS)
 def test_api_url_must_be_plain_http(url: str) -> None:
     with pytest.raises(ValueError):
         ApiServerVerifier(url, SECRET)
+
+
+@pytest.mark.parametrize("url", BAD_API_URLS)
+def test_a_bad_api_url_fails_the_config_naming_the_variable(url: str) -> None:
+    environ = {"VISIONA_API_INTERNAL_URL": url, "VISIONA_INTERNAL_SECRET": SECRET}
+    with pytest.raises(ConfigError, match=r"\bVISIONA_API_INTERNAL_URL: "):
+        ProxyConfig.from_env(environ)
 
 
 def test_api_repr_hides_the_secret() -> None:
