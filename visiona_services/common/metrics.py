@@ -75,6 +75,22 @@ class Counter(_Metric):
         ]
 
 
+class CounterOf(_Metric):
+    """A counter whose total is read when scraped (``read`` must never go down)."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help: str, read: Callable[[], float]) -> None:
+        super().__init__(name, help)
+        self._read = read
+
+    def value(self) -> float:
+        return self._read()
+
+    def lines(self) -> list[str]:
+        return [f"{self.name} {_number(self.value())}"]
+
+
 class Gauge(_Metric):
     """A value read when scraped (``read``), or set by hand."""
 
@@ -127,6 +143,9 @@ class Registry:
 
     def counter(self, name: str, help: str, labelnames: Sequence[str] = ()) -> Counter:
         return self._add(Counter(name, help, labelnames))
+
+    def counter_of(self, name: str, help: str, read: Callable[[], float]) -> CounterOf:
+        return self._add(CounterOf(name, help, read))
 
     def gauge(self, name: str, help: str, read: Callable[[], float] | None = None) -> Gauge:
         return self._add(Gauge(name, help, read))

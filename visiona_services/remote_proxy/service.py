@@ -103,5 +103,6 @@ async def drain(state: ProxyState, grace: float) -> None:
         await state.inflight.wait_idle()
     if deadline.cancelled_caught:
         logger.warning("shutdown grace over with forwards in flight")
-    for tunnel in state.tunnels:
-        await tunnel.close(1001, "relay shutting down")
+    async with trio.open_nursery() as nursery:  # each close is bounded; an agent that
+        for tunnel in list(state.tunnels):  # does not answer must not hold up the rest
+            nursery.start_soon(tunnel.close, 1001, "relay shutting down")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 import trio
 
-from visiona_tunnel.relay import TunnelDown, TunnelEvent, TunnelRegistry, TunnelUp
+from visiona_tunnel.relay import Tunnel, TunnelDown, TunnelEvent, TunnelRegistry, TunnelUp
 
 from ..common.inflight import InFlight
 from ..common.metrics import Counter, Histogram, Registry
@@ -13,10 +13,37 @@ from .config import ProxyConfig
 
 
 @attrs.define(eq=False)
+class TunnelTraffic:
+    """Bytes over every tunnel since the start: the ended ones' totals plus the running
+    ones' (from their :class:`TunnelUp` to their :class:`TunnelDown`, so that a tunnel
+    that is closing still counts and the totals never go down)."""
+
+    _running: set[Tunnel] = attrs.field(factory=set)
+    _ended_received: int = 0
+    _ended_sent: int = 0
+
+    def observe(self, event: TunnelEvent) -> None:
+        if isinstance(event, TunnelUp):
+            self._running.add(event.tunnel)
+        elif event.tunnel in self._running:
+            self._running.discard(event.tunnel)
+            stats = event.tunnel.stats()
+            self._ended_received += stats.bytes_in
+            self._ended_sent += stats.bytes_out
+
+    def received(self) -> float:
+        return self._ended_received + sum(t.stats().bytes_in for t in self._running)
+
+    def sent(self) -> float:
+        return self._ended_sent + sum(t.stats().bytes_out for t in self._running)
+
+
+@attrs.define(eq=False)
 class ProxyMetrics:
     """The series ``GET /metrics`` shows (names are part of the service's interface)."""
 
     registry: Registry
+    traffic: TunnelTraffic
     connects: Counter
     replacements: Counter
     disconnects: Counter
@@ -35,18 +62,20 @@ class ProxyMetrics:
             "Open yamux streams over all tunnels.",
             lambda: sum(t.session.num_streams for t in tunnels),
         )
-        registry.gauge(
-            "visiona_tunnel_bytes_in",
-            "Bytes received from agents by the live tunnels.",
-            lambda: sum(t.stats().bytes_in for t in tunnels),
+        traffic = TunnelTraffic()
+        registry.counter_of(
+            "visiona_tunnel_received_bytes_total",
+            "Bytes received from agents over their tunnels (WebSocket payload).",
+            traffic.received,
         )
-        registry.gauge(
-            "visiona_tunnel_bytes_out",
-            "Bytes sent to agents by the live tunnels.",
-            lambda: sum(t.stats().bytes_out for t in tunnels),
+        registry.counter_of(
+            "visiona_tunnel_sent_bytes_total",
+            "Bytes sent to agents over their tunnels (WebSocket payload).",
+            traffic.sent,
         )
         return cls(
             registry=registry,
+            traffic=traffic,
             connects=registry.counter("visiona_tunnel_connects_total", "Tunnels accepted."),
             replacements=registry.counter(
                 "visiona_tunnel_replacements_total", "Tunnels replaced by a newer one."
@@ -71,6 +100,7 @@ class ProxyMetrics:
 
     def observe(self, event: TunnelEvent) -> None:
         """A :class:`TunnelRegistry` observer."""
+        self.traffic.observe(event)
         if isinstance(event, TunnelUp):
             self.connects.inc()
         elif isinstance(event, TunnelDown):
@@ -86,8 +116,9 @@ class ProxyState:
     metrics: ProxyMetrics
     #: Set when the service is shutting down: no new tunnels, no new forwards.
     draining: trio.Event = attrs.field(factory=trio.Event)
-    #: HTTP forwards running now (``with state.inflight:``); a shutdown waits for
-    #: ``state.inflight.wait_idle()``. WebSocket relays are not counted: draining closes them.
+    #: Forwards running now (``with state.inflight:``); a shutdown waits for
+    #: ``state.inflight.wait_idle()``. WebSocket relays count too: draining closes them
+    #: (1001 both ways), and the tunnel must outlive their close frames.
     inflight: InFlight = attrs.field(factory=InFlight)
 
     @classmethod

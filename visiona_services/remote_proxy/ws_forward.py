@@ -137,7 +137,8 @@ async def forward_websocket(
 ) -> None:
     """The raw ASGI handler for a ``websocket`` scope; see the module docstring."""
     await receive()  # websocket.connect
-    status = await _forward(state, scope, receive, send, device_id, target)
+    with state.inflight:  # a drain waits for the relay's own 1001 close
+        status = await _forward(state, scope, receive, send, device_id, target)
     state.metrics.forwards.inc(status=str(status))
 
 

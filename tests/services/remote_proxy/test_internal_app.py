@@ -312,6 +312,26 @@ async def test_metrics_count_forwards(proxy: Proxy, agent: PyAgent) -> None:
     assert re.search(r"^visiona_forward_response_bytes_total (\d+)$", text, re.M)
 
 
+def _metric(text: str, name: str) -> int:
+    match = re.search(rf"^{name} (\d+)$", text, re.M)
+    assert match, name
+    return int(match.group(1))
+
+
+async def test_tunnel_byte_totals_keep_counting_after_a_tunnel_ends(
+    proxy: Proxy, agent: PyAgent
+) -> None:
+    names = ("visiona_tunnel_received_bytes_total", "visiona_tunnel_sent_bytes_total")
+    with trio.fail_after(TEST_TIMEOUT):
+        assert (await call(proxy.port, "POST", f"{FORWARD}/echo", b"x" * 100_000)).status == 200
+        before = [_metric(proxy.state.metrics.registry.render(), n) for n in names]
+        assert (await call(proxy.port, "DELETE", f"/internal/sessions/{DEVICE}")).status == 200
+        await agent.hooks.wait_for("session_down")
+        after = [_metric(proxy.state.metrics.registry.render(), n) for n in names]
+    assert all(b > 100_000 for b in before)
+    assert [a >= b for a, b in zip(after, before, strict=True)] == [True, True]
+
+
 # -- HTTP forwarding ------------------------------------------------------------------------
 
 

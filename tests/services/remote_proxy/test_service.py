@@ -42,7 +42,7 @@ from support.pyagent import FAST, PyAgent, start_py_agent
 from support.streams import pump_lines
 from support.tunnelapp import TunnelEvents
 from support.tunnelhttp import HttpResponse, MiB, http_exchange
-from trio_websocket import ConnectionClosed
+from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer, serve_websocket
 
 from visiona_services.remote_proxy.config import ProxyConfig
 from visiona_services.remote_proxy.service import RunningProxy, serve_remote_proxy
@@ -359,20 +359,39 @@ async def test_stop_ends_the_agents_session_and_it_backs_off(draining: Draining)
     assert after == ["dial_attempt", "dial_failed", "retry_scheduled"]
 
 
-async def test_stop_closes_a_forwarded_websocket_with_1001(
-    service: Service, agent: PyAgent
+async def test_stop_closes_a_forwarded_websocket_with_1001_on_both_sides(
+    nursery: trio.Nursery, service: Service
 ) -> None:
+    # A trio-websocket local server: hypercorn's ASGI apps see 1006 for any close the
+    # peer starts, whatever its code.
+    local_closes: list[int] = []
+    local_closed = trio.Event()
+
+    async def echo(request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        try:
+            while True:
+                await ws.send_message(await ws.get_message())
+        except ConnectionClosed as exc:
+            local_closes.append(-1 if exc.reason is None else exc.reason.code)
+            local_closed.set()
+
+    serve = partial(serve_websocket, echo, "127.0.0.1", 0, ssl_context=None)
+    local_server: WebSocketServer = await nursery.start(serve)
+    await connect_py_agent(nursery, service, local_server.port)
     with trio.fail_after(TEST_TIMEOUT):
-        async with caller_websocket(service.port, f"{FORWARD_WS}/ws/echo") as ws:
+        async with caller_websocket(service.port, f"{FORWARD_WS}/echo") as ws:
             await ws.send_message("hello")
             assert await ws.get_message() == "hello"
             service.proxy.stop()
             with pytest.raises(ConnectionClosed) as closed:
                 await ws.get_message()
         await service.returned.wait()
+        await local_closed.wait()
     reason = closed.value.reason
     assert reason is not None
     assert reason.code == 1001
+    assert local_closes == [1001]  # its close went through before the tunnel closed
 
 
 async def test_stop_with_a_stuck_forward_returns_within_the_grace(
