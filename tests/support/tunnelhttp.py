@@ -285,7 +285,7 @@ class HttpExchange:
         assert data is not None
         await self.stream.send_all(data)
 
-    async def _next_event(self) -> h11.Event:
+    async def next_event(self) -> h11.Event:
         while True:
             event = self.conn.next_event()
             if event is h11.NEED_DATA:
@@ -296,14 +296,14 @@ class HttpExchange:
 
     async def receive_response(self) -> h11.Response:
         while True:
-            event = await self._next_event()
+            event = await self.next_event()
             if isinstance(event, h11.Response):
                 return event
             assert isinstance(event, h11.InformationalResponse), event
 
     async def receive_body_piece(self) -> bytes:
         """The next piece of the body; b"" at its end."""
-        event = await self._next_event()
+        event = await self.next_event()
         if isinstance(event, h11.EndOfMessage):
             return b""
         assert isinstance(event, h11.Data), event

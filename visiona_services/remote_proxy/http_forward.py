@@ -334,6 +334,9 @@ class _Exchange:
                 "tunnel broke mid-response", extra={"device": self.tunnel.key, "error": repr(exc)}
             )
             return
+        # An upload still running ends here (the agent has answered in full), so that
+        # the caller's rest is drained, not raced for, while the end goes out.
+        await response.aclose()
         await self.send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _fail(self, status: int, code: str, message: str) -> None:

@@ -30,6 +30,7 @@ the JSON envelope.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import cast
@@ -132,16 +133,55 @@ RAW_ROUTES: tuple[RawRoute, ...] = (
 )
 
 
+#: After a raw HTTP route's answer, how long the caller may pause sending the rest of an
+#: unread request body before we stop reading it (see :class:`_RequestBody`).
+LINGER_IDLE = 1.0
+
+
+class _RequestBody:
+    """Wraps ``receive`` for a request whose body is ours to read (raw routes, refusals):
+    knows whether the request has ended (the body's last message, or the disconnect).
+
+    hypercorn (0.18) reports the end of a request through its bounded queue of request
+    messages, also while the final response message goes out and after the app returned;
+    with that queue full of unread body it blocks there for good and never closes the
+    connection. So a body nobody wants is read and dropped: while the final response
+    message is sent, and afterwards for as long as the caller keeps sending
+    (:meth:`drain`).
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self.ended = False
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" or not message.get("more_body", False):
+            self.ended = True
+        return message
+
+    async def drain(self, idle: float = math.inf) -> None:
+        """Drop the rest of the body until the request ends, or nothing came for ``idle``
+        seconds."""
+        while not self.ended:
+            with trio.move_on_after(idle) as quiet:
+                await self.receive()
+            if quiet.cancelled_caught:
+                return
+
+
 class _ResponseWatch:
     """Wraps ``send``: sets ``X-Request-ID`` on the response head (replacing a device's
-    own) and remembers the status (for the access log, and to know whether an error can
-    still be answered)."""
+    own), remembers the status (for the access log, and to know whether an error can
+    still be answered), and drains an unread request ``body`` while the final response
+    message goes out."""
 
     def __init__(self, send: Send, request_id: str) -> None:
         self._send = send
         self._header = (b"X-Request-ID", request_id.encode())
         self.status: int | None = None
         self.accepted = False
+        self.body: _RequestBody | None = None
 
     def _with_request_id(self, message: Message) -> Message:
         headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
@@ -157,6 +197,17 @@ class _ResponseWatch:
             self.status, self.accepted = 101, True
         elif kind == "websocket.close" and self.status is None:
             self.status = 403  # hypercorn refuses the handshake
+        elif (
+            kind == "http.response.body"
+            and not message.get("more_body", False)
+            and self.body is not None
+            and not self.body.ended
+        ):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.body.drain)
+                await self._send(message)
+                nursery.cancel_scope.cancel()
+            return
         await self._send(message)
 
 
@@ -182,6 +233,9 @@ class InternalMiddleware:
             except Exception:
                 logger.exception("unhandled error in %s", scope.get("path"))
                 await self._answer_error(scope, watch)
+            else:
+                if watch.body is not None:
+                    await watch.body.drain(LINGER_IDLE)
             finally:
                 method = scope.get("method", "WEBSOCKET")
                 access_logger.info(
@@ -199,14 +253,18 @@ class InternalMiddleware:
 
     async def _dispatch(self, scope: Scope, receive: Receive, watch: _ResponseWatch) -> None:
         send = watch.send
-        if not bearer_matches(scope.get("headers", []), self.state.config.internal_secret):
+        authorized = bearer_matches(scope.get("headers", []), self.state.config.internal_secret)
+        route, matched = self._route(scope) if authorized else (None, None)
+        if scope["type"] == "http" and (route is not None or not authorized):
+            # Ours to read; Quart reads the body of its own routes.
+            watch.body = _RequestBody(receive)
+            receive = watch.body.receive
+        if not authorized:
             await self._unauthorized(scope, receive, send)
             return
-        for route in self.routes:
-            matched = route.match(scope)
-            if matched is not None:
-                await route.handler(self.state, scope, receive, send, *matched)
-                return
+        if route is not None and matched is not None:
+            await route.handler(self.state, scope, receive, send, *matched)
+            return
         if scope["type"] == "websocket":  # Quart has no websocket routes here
             await receive()
             body = json_bytes(error_envelope("NOT_FOUND", "no such route"))
@@ -214,6 +272,13 @@ class InternalMiddleware:
             await reject_websocket(scope, send, 404, body, headers)
             return
         await self.app(scope, receive, send)
+
+    def _route(self, scope: Scope) -> tuple[RawRoute, tuple[str, bytes]] | tuple[None, None]:
+        for route in self.routes:
+            matched = route.match(scope)
+            if matched is not None:
+                return route, matched
+        return None, None
 
     async def _unauthorized(self, scope: Scope, receive: Receive, send: Send) -> None:
         challenge = (b"www-authenticate", b"Bearer")

@@ -12,7 +12,7 @@ what happened                                        the caller gets
 ==================================================  =========================================
 draining / no tunnel / handshake not answered in     503 ``SHUTTING_DOWN`` / 502
 ``forward_timeout`` / tunnel broke in the handshake  ``TUNNEL_DISCONNECTED`` / 504
-                                                     ``TUNNEL_TIMEOUT`` / 502 ``TUNNEL_ERROR``,
+or its answer passed ``MAX_HANDSHAKE_RESPONSE``       ``TUNNEL_TIMEOUT`` / 502 ``TUNNEL_ERROR``,
                                                      as HTTP responses (envelope)
 the local server refused the upgrade (or the agent   that HTTP status, headers (minus
 could not reach it: 502)                             hop-by-hop ones) and body
@@ -66,6 +66,9 @@ MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 CLOSE_TIMEOUT = 5.0
 #: trio-websocket reads 4 KiB at a time by default, which is slow for big messages.
 _RECEIVE_BUFFER_SIZE = 64 * 1024
+#: The most of the local server's handshake answer read (a refusal's body included):
+#: trio-websocket keeps a refusal's whole body in memory.
+MAX_HANDSHAKE_RESPONSE = 1024 * 1024
 #: Host header of the handshake to the local server (as for HTTP forwards).
 _LOCAL_HOST = "localhost"
 #: The caller's handshake headers that trio-websocket writes itself.
@@ -95,7 +98,8 @@ def caller_close(reason: CloseReason | None) -> tuple[int, str]:
 
 
 class _WatchedStream(trio.abc.Stream):
-    """A tunnel stream that tells when it ended (EOF, or broken) while being read.
+    """A tunnel stream that tells when it ended (EOF, or broken) while being read, and
+    ends it when the handshake answer grows past :data:`MAX_HANDSHAKE_RESPONSE`.
 
     trio-websocket 0.12 waits for the handshake forever when its stream ends first.
     """
@@ -103,6 +107,9 @@ class _WatchedStream(trio.abc.Stream):
     def __init__(self, inner: yamux.Stream) -> None:
         self.inner = inner
         self.ended = trio.Event()
+        #: Bytes the handshake answer may still take; None once the handshake is done.
+        self.handshake_allowance: int | None = MAX_HANDSHAKE_RESPONSE
+        self.handshake_too_large = False
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
@@ -118,6 +125,12 @@ class _WatchedStream(trio.abc.Stream):
             raise
         if not data:
             self.ended.set()
+        elif self.handshake_allowance is not None:
+            self.handshake_allowance -= len(data)
+            if self.handshake_allowance < 0:
+                self.handshake_too_large = True
+                self.ended.set()
+                raise trio.BrokenResourceError("the handshake answer is too large")
         return data
 
     async def aclose(self) -> None:
@@ -247,9 +260,13 @@ class _Relay:
                 )
                 watch.cancel_scope.cancel()
         if ws is not None:
+            self.stream.handshake_allowance = None
             return ws
         if timer.cancelled_caught:
             raise _HandshakeFailed(504, "TUNNEL_TIMEOUT", "the device did not answer in time")
+        if self.stream.handshake_too_large:
+            message = f"the device's handshake answer is over {MAX_HANDSHAKE_RESPONSE} bytes"
+            raise _HandshakeFailed(502, "TUNNEL_ERROR", message)
         raise _HandshakeFailed(502, "TUNNEL_ERROR", "the tunnel failed during the handshake")
 
     async def _pass_rejection(self, exc: BaseException) -> int:

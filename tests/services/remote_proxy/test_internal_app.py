@@ -13,6 +13,7 @@ import json
 import logging
 import re
 from datetime import datetime
+from functools import partial
 
 import h11
 import pytest
@@ -551,14 +552,32 @@ async def test_tunnel_lost_mid_body_ends_the_response_short(proxy: Proxy, agent:
                     pass
 
 
-async def _send_until_blocked(exchange: HttpExchange, target: str, size: int) -> None:
+async def _send_until_blocked(
+    exchange: HttpExchange, target: str, size: int, *, auth: bool = True
+) -> None:
     """POST ``target`` with a ``size``-byte Content-Length, then body bytes until the
     connection is closed under us."""
-    headers = [("connection", "close"), AUTH, ("content-length", str(size))]
+    headers = [("connection", "close"), ("content-length", str(size)), *([AUTH] if auth else [])]
     await exchange.send_request("POST", target, headers=headers, end=False)
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         for piece in pattern_pieces(size):
             await exchange.send_body_piece(piece)
+
+
+@pytest.mark.parametrize(
+    ("target", "auth", "status"),
+    [(f"{FORWARD}/echo", False, 401), ("/internal/forward/nobody/echo", True, 502)],
+)
+async def test_a_refused_upload_gets_its_answer_then_the_connection_closes(
+    proxy: Proxy, target: str, auth: bool, status: int
+) -> None:
+    # Answered before its body was read: the caller gets the answer, then the connection
+    # closes (it cannot carry another request).
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery, http_exchange(proxy.port) as exchange:
+            nursery.start_soon(partial(_send_until_blocked, auth=auth), exchange, target, 64 * MiB)
+            assert (await exchange.receive_whole_response()).status == status
+            assert isinstance(await exchange.next_event(), h11.ConnectionClosed)
 
 
 async def test_caller_leaving_during_a_stalled_upload_ends_the_forward(
@@ -585,7 +604,7 @@ async def test_an_upload_the_agent_stops_taking_after_the_head_cuts_the_response
     with trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery, http_exchange(proxy.port) as exchange:
             target = f"{FORWARD}/bytes/{1024 * MiB}"
-            nursery.start_soon(_send_until_blocked, exchange, target, 1024 * MiB)
+            nursery.start_soon(_send_until_blocked, exchange, target, 64 * MiB)
             assert (await exchange.receive_response()).status_code == 200
             with pytest.raises(h11.RemoteProtocolError):  # the body ends short
                 while await exchange.receive_body_piece():
@@ -703,6 +722,22 @@ async def test_websocket_refused_by_the_local_server_passes_its_status(
     with trio.fail_after(TEST_TIMEOUT):
         response = await refused_websocket(proxy.port, f"{FORWARD_WS}/ws/nowhere")
     assert response.status == 403  # hypercorn's answer to a close before accept
+
+
+async def test_websocket_refusal_with_an_endless_body_is_502(nursery: trio.Nursery) -> None:
+    async def refuse_endlessly(stream: trio.SocketStream) -> None:
+        await stream.receive_some(64 * 1024)  # the handshake request
+        await stream.send_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 1000000000\r\n\r\n")
+        with contextlib.suppress(trio.BrokenResourceError):
+            while True:
+                await stream.send_all(b"x" * 65536)
+
+    listeners = await nursery.start(partial(trio.serve_tcp, refuse_endlessly, 0, host="127.0.0.1"))
+    proxy = await start_proxy(nursery, forward_timeout=20.0)
+    await connect_agent(nursery, proxy, listeners[0].socket.getsockname()[1])
+    with trio.fail_after(TEST_TIMEOUT):
+        refused = await refused_websocket(proxy.port, f"{FORWARD_WS}/ws")
+    assert "handshake answer" in assert_error(refused, 502, "TUNNEL_ERROR")["message"]
 
 
 async def test_websocket_without_session_is_502(proxy: Proxy) -> None:
