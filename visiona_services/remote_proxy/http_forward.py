@@ -37,9 +37,11 @@ from its first ``http.request`` message, not from its headers (an HTTP/2 request
 have a body and neither ``Content-Length`` nor ``Transfer-Encoding``).
 
 Once the upload stops reading the caller -- the body ended, the upload failed or was
-abandoned -- another task reads ``receive()`` until the exchange ends, discarding what is
-left of the body. hypercorn's queue of request messages is bounded, and it blocks (inside
-our ``send()``) to report a disconnect when the queue is full: somebody must keep reading.
+abandoned -- a watcher task reads ``receive()`` until the exchange with the tunnel ends,
+discarding what is left of the body. hypercorn's queue of request messages is bounded, and
+it blocks (inside our ``send()``) to report a disconnect when the queue is full: somebody
+must keep reading. The response's end (or the error answer) goes out after the watcher has
+stopped, while the internal middleware drains the rest of the body (one reader at a time).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable, Iterable
 
+import attrs
 import trio
 
 from visiona_tunnel import yamux
@@ -240,6 +243,15 @@ async def forward_http_request(
     metrics.forwards.inc(status=str(status))
 
 
+@attrs.frozen
+class _Failure:
+    """An error to answer instead of the agent's response."""
+
+    status: int
+    code: str
+    message: str
+
+
 class _Exchange:
     """One forward: the caller's request to the agent, its response back."""
 
@@ -261,6 +273,7 @@ class _Exchange:
         if first["type"] == "http.disconnect":
             return self.status
         timer = _TunnelTimer(self.state.config.forward_timeout)
+        ending: _Failure | bool = False
         async with trio.open_nursery() as nursery:
             caller = _Caller(
                 self.receive,
@@ -270,22 +283,33 @@ class _Exchange:
                 on_bytes=lambda n: metrics.forward_bytes_in.inc(n),
             )
             nursery.start_soon(caller.watch)
-            await self._forward(target, caller, timer)
+            ending = await self._forward(target, caller, timer)
             nursery.cancel_scope.cancel()
+        # The watcher is gone; the middleware reads the caller while the end goes out.
+        if isinstance(ending, _Failure):
+            self.status = ending.status
+            await send_error(self.send, ending.status, ending.code, ending.message)
+        elif ending:
+            await self.send({"type": "http.response.body", "body": b"", "more_body": False})
         if caller.disconnected:
             logger.info(
                 "caller went away", extra={"device": self.tunnel.key, "status": self.status}
             )
         return self.status
 
-    async def _forward(self, target: bytes, caller: _Caller, timer: _TunnelTimer) -> None:
+    async def _forward(
+        self, target: bytes, caller: _Caller, timer: _TunnelTimer
+    ) -> _Failure | bool:
+        """The exchange with the tunnel, up to the response's end (not sent): the error to
+        answer, True for a whole response, False for one cut short."""
         metrics = self.state.metrics
         whole = caller.whole_body()
         body: bytes | _Caller = caller if whole is None else whole
         outgoing = forwarded_headers(self.scope["headers"], current_request_id.get())
         start = trio.current_time()
-        failure: tuple[int, str, str] | None = None
+        failure = _Failure(504, "TUNNEL_TIMEOUT", "the device did not answer in time")
         response: HttpResponse | None = None
+        complete = False
         with timer.scope:
             try:
                 response = await self.tunnel.forward_http(
@@ -293,27 +317,28 @@ class _Exchange:
                 )
             except (ForwardError, yamux.StreamReset, yamux.StreamsExhausted) as exc:
                 logger.info("forward failed", extra={"device": self.tunnel.key, "error": repr(exc)})
-                failure = (502, "TUNNEL_ERROR", "the tunnel failed before the response")
+                failure = _Failure(502, "TUNNEL_ERROR", "the tunnel failed before the response")
             except yamux.SessionClosed:
-                failure = (502, "TUNNEL_DISCONNECTED", "the device's tunnel is closing")
+                failure = _Failure(502, "TUNNEL_DISCONNECTED", "the device's tunnel is closing")
             else:
                 timer.head_arrived(upload_done=caller.body_complete)
                 metrics.forward_seconds.observe(trio.current_time() - start)
                 async with response:
-                    await self._stream_response(response)
-        # forward_http has ended the upload if it failed; the watcher reads from here on.
+                    complete = await self._stream_response(response)
+        # The upload has ended (forward_http or the response's aclose ended it); the
+        # watcher reads the caller from here on.
         caller.release()
         if response is None:
-            await self._fail(
-                *(failure or (504, "TUNNEL_TIMEOUT", "the device did not answer in time"))
-            )
-        elif timer.scope.cancelled_caught:
+            return failure
+        if timer.scope.cancelled_caught:
             logger.warning(
                 "the tunnel stopped taking the request body; response cut",
                 extra={"device": self.tunnel.key, "timeout": timer.timeout},
             )
+        return complete
 
-    async def _stream_response(self, response: HttpResponse) -> None:
+    async def _stream_response(self, response: HttpResponse) -> bool:
+        """The head and the body, not the end; False if the tunnel broke mid-body."""
         metrics = self.state.metrics
         self.status = response.status
         await self.send(
@@ -333,12 +358,7 @@ class _Exchange:
             logger.warning(
                 "tunnel broke mid-response", extra={"device": self.tunnel.key, "error": repr(exc)}
             )
-            return
-        # An upload still running ends here (the agent has answered in full), so that
-        # the caller's rest is drained, not raced for, while the end goes out.
+            return False
+        # An upload still running ends here: the agent has answered in full.
         await response.aclose()
-        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
-
-    async def _fail(self, status: int, code: str, message: str) -> None:
-        self.status = status
-        await send_error(self.send, status, code, message)
+        return True
