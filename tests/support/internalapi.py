@@ -85,6 +85,10 @@ class ProxyLocalApp(LocalApp):
             await respond(send, 200, b"id", echoed)
         elif path == "/stall":  # never reads the body, never answers
             await trio.sleep_forever()
+        elif path == "/stall-after-head":  # never reads the body, answers a head and 1 byte
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            await trio.sleep_forever()
         elif path.startswith("/bytes/") and scope["method"] == "POST":  # never reads the body
             size = int(path.removeprefix("/bytes/"))
             await send({"type": "http.response.start", "status": 200, "headers": []})

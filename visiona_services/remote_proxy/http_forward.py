@@ -28,8 +28,11 @@ and for each chunk of the request body to be taken (the agent may answer before 
 read the whole body, and go on reading it while the response streams). The clock restarts
 with each chunk and stops while the caller's next chunk is awaited, so a large (or slowly
 sent) upload is not cut, while an agent that stops reading or answering is: before the
-head with 504, after it by ending the response abruptly. Reading the response body has no
-time limit.
+head with 504; after it -- when the response has not moved either for as long -- by ending
+the response abruptly. With the request body sent, reading the response has no time limit.
+(After the head, a stuck upload and a caller that neither reads nor sends look the same
+from here; the bound also ends a forward whose caller vanished while hypercorn waits, in our
+``send()``, for room in its request queue to report it.)
 
 A caller that goes away (``http.disconnect``) ends the exchange: the tunnel stream is
 reset, so the agent stops its local request. Whether the request has a body is taken
@@ -135,6 +138,12 @@ class _TunnelTimer:
         if not self.head_pending:
             self.pause()
 
+    def response_moved(self) -> None:
+        """After the head, a chunk of the response went out: an upload chunk in flight
+        gets its time again (the agent may be waiting for the caller to read)."""
+        if self.scope.deadline != math.inf:
+            self.restart()
+
 
 class _Caller:
     """The caller's side of the ASGI exchange: its request body, read for the upload (an
@@ -165,8 +174,6 @@ class _Caller:
         #: The first ``http.request`` message's body, not yet handed out.
         self._pending: bytes = first.get("body", b"")
         self.body_complete = not first.get("more_body", False)
-        if self._pending:
-            self._on_bytes(len(self._pending))
         if self.body_complete:
             self._handed_over.set()
 
@@ -180,6 +187,7 @@ class _Caller:
     async def __anext__(self) -> bytes:
         if self._pending:
             first, self._pending = self._pending, b""
+            self._on_bytes(len(first))
             return first
         while not self.body_complete:
             self._timer.pause()  # waiting on the caller is not the tunnel's fault
@@ -323,8 +331,10 @@ class _Exchange:
             else:
                 timer.head_arrived(upload_done=caller.body_complete)
                 metrics.forward_seconds.observe(trio.current_time() - start)
+                if whole:  # sent with the head (an iterated body counts as it goes)
+                    metrics.forward_bytes_in.inc(len(whole))
                 async with response:
-                    complete = await self._stream_response(response)
+                    complete = await self._stream_response(response, timer)
         # The upload has ended (forward_http or the response's aclose ended it); the
         # watcher reads the caller from here on.
         caller.release()
@@ -337,7 +347,7 @@ class _Exchange:
             )
         return complete
 
-    async def _stream_response(self, response: HttpResponse) -> bool:
+    async def _stream_response(self, response: HttpResponse, timer: _TunnelTimer) -> bool:
         """The head and the body, not the end; False if the tunnel broke mid-body."""
         metrics = self.state.metrics
         self.status = response.status
@@ -352,9 +362,11 @@ class _Exchange:
             async for chunk in response.body:
                 await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
                 metrics.forward_bytes_out.inc(len(chunk))
+                timer.response_moved()
         except ForwardError as exc:
-            # Too late for another status: end the response unfinished, and hypercorn
-            # closes the connection, so the caller sees a short body, never a whole one.
+            # Too late for another status: leave the response unfinished; once the rest
+            # of the request body is drained (see internal_app), hypercorn closes the
+            # connection, so the caller sees a short body, never a whole one.
             logger.warning(
                 "tunnel broke mid-response", extra={"device": self.tunnel.key, "error": repr(exc)}
             )

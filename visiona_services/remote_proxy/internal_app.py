@@ -229,11 +229,11 @@ class InternalMiddleware:
             watch = _ResponseWatch(send, request_id)
             start = trio.current_time()
             try:
-                await self._dispatch(scope, receive, watch)
-            except Exception:
-                logger.exception("unhandled error in %s", scope.get("path"))
-                await self._answer_error(scope, watch)
-            else:
+                try:
+                    await self._dispatch(scope, receive, watch)
+                except Exception:
+                    logger.exception("unhandled error in %s", scope.get("path"))
+                    await self._answer_error(scope, watch)
                 if watch.body is not None:
                     await watch.body.drain(LINGER_IDLE)
             finally:

@@ -47,12 +47,19 @@ from support.tunnelhttp import (
     h2_request,
     hang_up_mid_download,
     http_exchange,
+    serve_on_loopback,
 )
 from trio_websocket import ConnectionClosed
 
+from visiona_services.common.http import Receive, Scope, Send
 from visiona_services.common.logs import json_handler
 from visiona_services.remote_proxy.config import ProxyConfig
-from visiona_services.remote_proxy.internal_app import RAW_ROUTES, create_internal_app
+from visiona_services.remote_proxy.internal_app import (
+    RAW_ROUTES,
+    InternalMiddleware,
+    RawRoute,
+    create_internal_app,
+)
 from visiona_services.remote_proxy.state import ProxyState
 from visiona_tunnel.forward import UNREACHABLE_BODY
 
@@ -580,6 +587,37 @@ async def test_a_refused_upload_gets_its_answer_then_the_connection_closes(
             assert isinstance(await exchange.next_event(), h11.ConnectionClosed)
 
 
+async def test_a_raw_route_failing_after_the_head_still_ends_the_connection(
+    nursery: trio.Nursery,
+) -> None:
+    failing = trio.Event()
+
+    async def fail_after_the_head(
+        state: ProxyState, scope: Scope, receive: Receive, send: Send, device: str, path: bytes
+    ) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await failing.wait()
+        raise RuntimeError("a failure after the head")
+
+    async def lifespan_only(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive())["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+
+    state = ProxyState.create(ProxyConfig(internal_secret=SECRET))
+    route = RawRoute("http", "/boom/<device_id>/<path:path>", b"/boom/", fail_after_the_head)
+    port = await serve_on_loopback(nursery, InternalMiddleware(state, lifespan_only, (route,)))
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as senders, http_exchange(port) as exchange:
+            senders.start_soon(_send_until_blocked, exchange, "/boom/d/x", 1024 * MiB)
+            assert (await exchange.receive_response()).status_code == 200
+            await trio.testing.wait_all_tasks_blocked(cushion=0.1)  # the upload is stuck
+            failing.set()
+            with pytest.raises(h11.RemoteProtocolError):  # no end: the body is cut
+                await exchange.receive_body_piece()
+            senders.cancel_scope.cancel()
+
+
 async def test_caller_leaving_during_a_stalled_upload_ends_the_forward(
     proxy: Proxy, agent: PyAgent
 ) -> None:
@@ -596,19 +634,38 @@ async def test_caller_leaving_during_a_stalled_upload_ends_the_forward(
     assert (response.status, response.body) == (200, b"hello from local-1")
 
 
-async def test_an_upload_the_agent_stops_taking_after_the_head_cuts_the_response(
+async def test_a_response_that_moves_is_not_cut_while_the_agent_ignores_the_upload(
     proxy: Proxy, agent: PyAgent
 ) -> None:
-    # The local server answers at once, an endless body, and never reads the request's.
-    with_config(proxy, forward_timeout=0.5)
+    # The local server answers at once and never reads the request's body.
+    with_config(proxy, forward_timeout=0.3)
+    size = 256 * MiB  # takes several times the timeout
     with trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery, http_exchange(proxy.port) as exchange:
-            target = f"{FORWARD}/bytes/{1024 * MiB}"
+            nursery.start_soon(_send_until_blocked, exchange, f"{FORWARD}/bytes/{size}", 64 * MiB)
+            assert (await exchange.receive_response()).status_code == 200
+            received = 0
+            while piece := await exchange.receive_body_piece():
+                received += len(piece)
+            nursery.cancel_scope.cancel()
+    assert received == size
+
+
+async def test_a_stuck_upload_and_a_still_response_cut_the_response(
+    proxy: Proxy, agent: PyAgent
+) -> None:
+    # The local server answers a head and one byte, then neither reads the request's body
+    # nor sends more: neither direction moves.
+    with_config(proxy, forward_timeout=0.3)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery, http_exchange(proxy.port) as exchange:
+            target = f"{FORWARD}/stall-after-head"
             nursery.start_soon(_send_until_blocked, exchange, target, 64 * MiB)
             assert (await exchange.receive_response()).status_code == 200
-            with pytest.raises(h11.RemoteProtocolError):  # the body ends short
-                while await exchange.receive_body_piece():
-                    pass
+            assert await exchange.receive_body_piece() == b"x"
+            # Cut; the connection closes once the caller's upload is drained.
+            with pytest.raises(h11.RemoteProtocolError):
+                await exchange.receive_body_piece()
             nursery.cancel_scope.cancel()
         await proxy.state.inflight.wait_idle()
 

@@ -107,6 +107,9 @@ BAD_API_URLS = [
     "http://h/?q=1",
     "http://api:99999",
     "http://api:port",
+    "http://api:0",
+    "http://user:pw@api",
+    "http://api/my prefix",
 ]
 
 
@@ -121,6 +124,19 @@ def test_a_bad_api_url_fails_the_config_naming_the_variable(url: str) -> None:
     environ = {"VISIONA_API_INTERNAL_URL": url, "VISIONA_INTERNAL_SECRET": SECRET}
     with pytest.raises(ConfigError, match=r"\bVISIONA_API_INTERNAL_URL: "):
         ProxyConfig.from_env(environ)
+
+
+@pytest.mark.parametrize(
+    ("url", "host", "port", "target"),
+    [
+        ("http://api.internal", "api.internal", 80, "/internal/devices/verify"),
+        ("http://[::1]:3721/v1/", "::1", 3721, "/v1/internal/devices/verify"),
+        ("http://api:8080/a%20b", "api", 8080, "/a%20b/internal/devices/verify"),
+    ],
+)
+def test_api_url_parts(url: str, host: str, port: int, target: str) -> None:
+    verifier = ApiServerVerifier(url, SECRET)
+    assert (verifier.host, verifier.port, verifier.target) == (host, port, target)
 
 
 def test_api_repr_hides_the_secret() -> None:
