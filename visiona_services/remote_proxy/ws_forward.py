@@ -20,6 +20,8 @@ the local server closed with code C                  close C and its reason (100
                                                      code": 1000)
 the tunnel broke after the handshake                 close 1011
 the service started draining                         close 1001 (the agent side too)
+the caller left during the handshake                 (nothing; the stream is reset, counted
+                                                     as 499)
 ==================================================  =========================================
 
 The caller closing (any code: hypercorn 0.18 reports every caller-side close as 1006, so
@@ -53,7 +55,7 @@ from ..common.http import (
     json_bytes,
     reject_websocket,
 )
-from .http_forward import forwarded_headers, response_headers
+from .http_forward import CLIENT_CLOSED, forwarded_headers, response_headers
 from .state import ProxyState
 
 __all__ = ["MAX_MESSAGE_SIZE", "forward_websocket"]
@@ -240,6 +242,7 @@ class _Relay:
             self.scope["headers"], current_request_id.get(), drop=_HANDSHAKE_HEADERS
         )
         ws: WebSocketConnection | None = None
+        caller_left = False
         with trio.move_on_after(self.state.config.forward_timeout) as timer:
             async with trio.open_nursery() as watch:
 
@@ -247,7 +250,16 @@ class _Relay:
                     await self.stream.ended.wait()
                     watch.cancel_scope.cancel()
 
+                async def stop_when_the_caller_leaves() -> None:
+                    # Before the accept, the only message left is websocket.disconnect
+                    # (a cancelled receive loses nothing).
+                    nonlocal caller_left
+                    await self.receive()
+                    caller_left = True
+                    watch.cancel_scope.cancel()
+
                 watch.start_soon(stop_when_ended)
+                watch.start_soon(stop_when_the_caller_leaves)
                 ws = await wrap_client_stream(
                     nursery,
                     self.stream,  # type: ignore[arg-type]  # any trio stream works
@@ -262,6 +274,8 @@ class _Relay:
         if ws is not None:
             self.stream.handshake_allowance = None
             return ws
+        if caller_left:  # nobody to answer: hypercorn drops what is sent now
+            raise _HandshakeFailed(CLIENT_CLOSED, "CLIENT_CLOSED", "the caller left")
         if timer.cancelled_caught:
             raise _HandshakeFailed(504, "TUNNEL_TIMEOUT", "the device did not answer in time")
         if self.stream.handshake_too_large:

@@ -797,6 +797,34 @@ async def test_websocket_refusal_with_an_endless_body_is_502(nursery: trio.Nurse
     assert "handshake answer" in assert_error(refused, 502, "TUNNEL_ERROR")["message"]
 
 
+async def test_websocket_caller_leaving_during_the_handshake_ends_it(
+    nursery: trio.Nursery,
+) -> None:
+    local_asked, local_gone = trio.Event(), trio.Event()
+
+    async def never_answer(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            while await stream.receive_some(64 * 1024):
+                local_asked.set()
+        local_gone.set()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, never_answer, 0, host="127.0.0.1"))
+    proxy = await start_proxy(nursery, forward_timeout=60.0)
+    await connect_agent(nursery, proxy, listeners[0].socket.getsockname()[1])
+    upgrade = (
+        f"GET {FORWARD_WS}/ws HTTP/1.1\r\nHost: proxy\r\nAuthorization: {AUTH[1]}\r\n"
+        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    with trio.fail_after(TEST_TIMEOUT):
+        caller = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+        await caller.send_all(upgrade.encode())
+        await local_asked.wait()  # the handshake is under way
+        await caller.aclose()
+        await local_gone.wait()  # long before the forward timeout
+    assert 'visiona_forward_requests_total{status="499"} 1' in proxy.state.metrics.registry.render()
+
+
 async def test_websocket_without_session_is_502(proxy: Proxy) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         response = await refused_websocket(proxy.port, "/internal/forward-ws/nobody/ws/echo")
