@@ -271,11 +271,13 @@ class _Relay:
                     receive_buffer_size=_RECEIVE_BUFFER_SIZE,
                 )
                 watch.cancel_scope.cancel()
+        if caller_left:  # even if the handshake just finished: the disconnect is taken
+            # Nobody to answer (hypercorn drops what is sent now); the run's nursery
+            # ends a WebSocket that did open, and the stream is reset.
+            raise _HandshakeFailed(CLIENT_CLOSED, "CLIENT_CLOSED", "the caller left")
         if ws is not None:
             self.stream.handshake_allowance = None
             return ws
-        if caller_left:  # nobody to answer: hypercorn drops what is sent now
-            raise _HandshakeFailed(CLIENT_CLOSED, "CLIENT_CLOSED", "the caller left")
         if timer.cancelled_caught:
             raise _HandshakeFailed(504, "TUNNEL_TIMEOUT", "the device did not answer in time")
         if self.stream.handshake_too_large:

@@ -609,7 +609,7 @@ async def test_a_raw_route_failing_after_the_head_still_ends_the_connection(
     port = await serve_on_loopback(nursery, InternalMiddleware(state, lifespan_only, (route,)))
     with trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as senders, http_exchange(port) as exchange:
-            senders.start_soon(_send_until_blocked, exchange, "/boom/d/x", 1024 * MiB)
+            senders.start_soon(_send_until_blocked, exchange, "/boom/d/x", 64 * MiB)
             assert (await exchange.receive_response()).status_code == 200
             await trio.testing.wait_all_tasks_blocked(cushion=0.1)  # the upload is stuck
             failing.set()
@@ -638,8 +638,8 @@ async def test_a_response_that_moves_is_not_cut_while_the_agent_ignores_the_uplo
     proxy: Proxy, agent: PyAgent
 ) -> None:
     # The local server answers at once and never reads the request's body.
-    with_config(proxy, forward_timeout=0.3)
-    size = 256 * MiB  # takes several times the timeout
+    with_config(proxy, forward_timeout=0.5)
+    size = 256 * MiB  # takes longer than the timeout
     with trio.fail_after(TEST_TIMEOUT):
         async with trio.open_nursery() as nursery, http_exchange(proxy.port) as exchange:
             nursery.start_soon(_send_until_blocked, exchange, f"{FORWARD}/bytes/{size}", 64 * MiB)
