@@ -219,6 +219,21 @@ async def reject_websocket(
     return True
 
 
+async def reject_websocket_error(
+    scope: Scope,
+    send: Send,
+    status: int,
+    code: str,
+    message: str,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> bool:
+    """:func:`reject_websocket` with the error envelope (the handshake's twin of
+    :func:`send_error`); ``headers`` are added to the content type."""
+    body = json_bytes(error_envelope(code, message))
+    start = [(b"content-type", JSON_CONTENT_TYPE.encode()), *headers]
+    return await reject_websocket(scope, send, status, body, start)
+
+
 # -- Quart ----------------------------------------------------------------------------------
 
 

@@ -45,7 +45,6 @@ from quart_trio import QuartTrio
 from visiona_tunnel.relay import TunnelStats
 
 from ..common.http import (
-    JSON_CONTENT_TYPE,
     ApiError,
     AsgiApp,
     Message,
@@ -53,12 +52,10 @@ from ..common.http import (
     Scope,
     Send,
     bearer_matches,
-    error_envelope,
     install_json_error_handlers,
-    json_bytes,
     json_response,
     ok_envelope,
-    reject_websocket,
+    reject_websocket_error,
     request_id_context,
     send_error,
 )
@@ -267,9 +264,7 @@ class InternalMiddleware:
             return
         if scope["type"] == "websocket":  # Quart has no websocket routes here
             await receive()
-            body = json_bytes(error_envelope("NOT_FOUND", "no such route"))
-            headers = [(b"content-type", JSON_CONTENT_TYPE.encode())]
-            await reject_websocket(scope, send, 404, body, headers)
+            await reject_websocket_error(scope, send, 404, "NOT_FOUND", "no such route")
             return
         await self.app(scope, receive, send)
 
@@ -287,9 +282,7 @@ class InternalMiddleware:
             await send_error(send, 401, "UNAUTHORIZED", message, [challenge])
             return
         await receive()  # websocket.connect
-        body = json_bytes(error_envelope("UNAUTHORIZED", message))
-        headers = [(b"content-type", JSON_CONTENT_TYPE.encode()), challenge]
-        await reject_websocket(scope, send, 401, body, headers)
+        await reject_websocket_error(scope, send, 401, "UNAUTHORIZED", message, [challenge])
 
     async def _answer_error(self, scope: Scope, watch: _ResponseWatch) -> None:
         """After a handler failed: a 500 if nothing was answered yet, else close."""
@@ -300,9 +293,9 @@ class InternalMiddleware:
             elif watch.accepted:
                 await watch.send({"type": "websocket.close", "code": 1011})
             elif watch.status is None:
-                body = json_bytes(error_envelope("INTERNAL_ERROR", "internal error"))
-                headers = [(b"content-type", JSON_CONTENT_TYPE.encode())]
-                await reject_websocket(scope, watch.send, 500, body, headers)
+                await reject_websocket_error(
+                    scope, watch.send, 500, "INTERNAL_ERROR", "internal error"
+                )
         except Exception:  # the server refused the message: it is over anyway
             logger.debug("could not answer the error", exc_info=True)
 

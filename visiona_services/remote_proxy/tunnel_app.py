@@ -49,7 +49,6 @@ from quart_trio import QuartTrio
 from visiona_tunnel.relay import token_from_request
 
 from ..common.http import (
-    JSON_CONTENT_TYPE,
     AsgiApp,
     Message,
     Receive,
@@ -57,10 +56,9 @@ from ..common.http import (
     Send,
     error_envelope,
     install_json_error_handlers,
-    json_bytes,
     json_response,
     ok_envelope,
-    reject_websocket,
+    reject_websocket_error,
     request_id_context,
     request_id_header,
 )
@@ -160,16 +158,12 @@ class TunnelEndpoint:
 
 async def _refuse(scope: Scope, send: Send, status: int, code: str, message: str) -> None:
     """Answer the handshake with ``status`` and the error envelope."""
-    headers = [
-        (b"content-type", JSON_CONTENT_TYPE.encode()),
-        (b"cache-control", b"no-store"),
-        request_id_header(),
-    ]
+    headers = [(b"cache-control", b"no-store"), request_id_header()]
     if status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="visiona-tunnel"'))
     elif status == 503:
         headers.append((b"retry-after", b"5"))
-    await reject_websocket(scope, send, status, json_bytes(error_envelope(code, message)), headers)
+    await reject_websocket_error(scope, send, status, code, message, headers)
 
 
 class TunnelMiddleware:

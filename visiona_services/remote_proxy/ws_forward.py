@@ -46,14 +46,12 @@ from visiona_tunnel.forward import abort_stream
 from visiona_tunnel.relay import Tunnel
 
 from ..common.http import (
-    JSON_CONTENT_TYPE,
     Receive,
     Scope,
     Send,
     current_request_id,
-    error_envelope,
-    json_bytes,
     reject_websocket,
+    reject_websocket_error,
 )
 from .http_forward import CLIENT_CLOSED, forwarded_headers, response_headers
 from .state import ProxyState
@@ -186,9 +184,7 @@ async def _forward(
 
 
 async def _refuse(scope: Scope, send: Send, failure: _HandshakeFailed) -> int:
-    body = json_bytes(error_envelope(failure.code, failure.message))
-    headers = [(b"content-type", JSON_CONTENT_TYPE.encode())]
-    await reject_websocket(scope, send, failure.status, body, headers)
+    await reject_websocket_error(scope, send, failure.status, failure.code, failure.message)
     return failure.status
 
 
