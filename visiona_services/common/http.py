@@ -156,8 +156,9 @@ def json_bytes(payload: object) -> bytes:
 
 
 class ApiError(Exception):
-    """Raise in a Quart route to answer with the error envelope (see
-    :func:`install_json_error_handlers`)."""
+    """An error answered with the envelope: raised in a Quart route (see
+    :func:`install_json_error_handlers`); the raw routes pass it to :func:`send_error` or
+    :func:`reject_websocket_error`."""
 
     def __init__(
         self, status: int, code: str, message: str, headers: Sequence[tuple[str, str]] = ()

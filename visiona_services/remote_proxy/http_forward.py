@@ -53,7 +53,6 @@ import logging
 import math
 from collections.abc import AsyncIterator, Callable, Iterable
 
-import attrs
 import trio
 
 from visiona_tunnel import yamux
@@ -63,6 +62,7 @@ from visiona_tunnel.relay import Tunnel
 
 from ..common.http import (
     REQUEST_ID_HEADER,
+    ApiError,
     Message,
     Receive,
     Scope,
@@ -251,15 +251,6 @@ async def forward_http_request(
     metrics.forwards.inc(status=str(status))
 
 
-@attrs.frozen
-class _Failure:
-    """An error to answer instead of the agent's response."""
-
-    status: int
-    code: str
-    message: str
-
-
 class _Exchange:
     """One forward: the caller's request to the agent, its response back."""
 
@@ -281,7 +272,7 @@ class _Exchange:
         if first["type"] == "http.disconnect":
             return self.status
         timer = _TunnelTimer(self.state.config.forward_timeout)
-        ending: _Failure | bool = False
+        ending: ApiError | bool = False
         async with trio.open_nursery() as nursery:
             caller = _Caller(
                 self.receive,
@@ -294,7 +285,7 @@ class _Exchange:
             ending = await self._forward(target, caller, timer)
             nursery.cancel_scope.cancel()
         # The watcher is gone; the middleware reads the caller while the end goes out.
-        if isinstance(ending, _Failure):
+        if isinstance(ending, ApiError):
             self.status = ending.status
             await send_error(self.send, ending.status, ending.code, ending.message)
         elif ending:
@@ -307,7 +298,7 @@ class _Exchange:
 
     async def _forward(
         self, target: bytes, caller: _Caller, timer: _TunnelTimer
-    ) -> _Failure | bool:
+    ) -> ApiError | bool:
         """The exchange with the tunnel, up to the response's end (not sent): the error to
         answer, True for a whole response, False for one cut short."""
         metrics = self.state.metrics
@@ -315,7 +306,7 @@ class _Exchange:
         body: bytes | _Caller = caller if whole is None else whole
         outgoing = forwarded_headers(self.scope["headers"], current_request_id.get())
         start = trio.current_time()
-        failure = _Failure(504, "TUNNEL_TIMEOUT", "the device did not answer in time")
+        failure = ApiError(504, "TUNNEL_TIMEOUT", "the device did not answer in time")
         response: HttpResponse | None = None
         complete = False
         with timer.scope:
@@ -325,9 +316,9 @@ class _Exchange:
                 )
             except (ForwardError, yamux.StreamReset, yamux.StreamsExhausted) as exc:
                 logger.info("forward failed", extra={"device": self.tunnel.key, "error": repr(exc)})
-                failure = _Failure(502, "TUNNEL_ERROR", "the tunnel failed before the response")
+                failure = ApiError(502, "TUNNEL_ERROR", "the tunnel failed before the response")
             except yamux.SessionClosed:
-                failure = _Failure(502, "TUNNEL_DISCONNECTED", "the device's tunnel is closing")
+                failure = ApiError(502, "TUNNEL_DISCONNECTED", "the device's tunnel is closing")
             else:
                 timer.head_arrived(upload_done=caller.body_complete)
                 metrics.forward_seconds.observe(trio.current_time() - start)

@@ -46,6 +46,7 @@ from visiona_tunnel.forward import abort_stream
 from visiona_tunnel.relay import Tunnel
 
 from ..common.http import (
+    ApiError,
     Receive,
     Scope,
     Send,
@@ -137,14 +138,6 @@ class _WatchedStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
-class _HandshakeFailed(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-
 async def forward_websocket(
     state: ProxyState, scope: Scope, receive: Receive, send: Send, device_id: str, target: bytes
 ) -> None:
@@ -160,15 +153,15 @@ async def _forward(
 ) -> int:
     """Returns the status to count: 101 once accepted, else the HTTP status answered."""
     if state.draining.is_set():
-        return await _refuse(scope, send, _HandshakeFailed(503, "SHUTTING_DOWN", "shutting down"))
+        return await _refuse(scope, send, ApiError(503, "SHUTTING_DOWN", "shutting down"))
     tunnel = state.tunnels.get(device_id)
     if tunnel is None:
-        failure = _HandshakeFailed(502, "TUNNEL_DISCONNECTED", f"{device_id!r} is not connected")
+        failure = ApiError(502, "TUNNEL_DISCONNECTED", f"{device_id!r} is not connected")
         return await _refuse(scope, send, failure)
     try:
         stream = _WatchedStream(await tunnel.open_raw())
     except (yamux.SessionClosed, yamux.StreamsExhausted):
-        failure = _HandshakeFailed(502, "TUNNEL_DISCONNECTED", "the device's tunnel is closing")
+        failure = ApiError(502, "TUNNEL_DISCONNECTED", "the device's tunnel is closing")
         return await _refuse(scope, send, failure)
     relay = _Relay(state, tunnel, scope, receive, send, stream)
     clean = False
@@ -183,7 +176,7 @@ async def _forward(
             await abort_stream(stream.inner)
 
 
-async def _refuse(scope: Scope, send: Send, failure: _HandshakeFailed) -> int:
+async def _refuse(scope: Scope, send: Send, failure: ApiError) -> int:
     await reject_websocket_error(scope, send, failure.status, failure.code, failure.message)
     return failure.status
 
@@ -225,9 +218,9 @@ class _Relay:
                 nursery.cancel_scope.cancel()
         except* ConnectionRejected as group:
             status = await self._pass_rejection(group.exceptions[0])
-        except* _HandshakeFailed as group:
+        except* ApiError as group:
             failure = group.exceptions[0]
-            assert isinstance(failure, _HandshakeFailed)
+            assert isinstance(failure, ApiError)
             if status == 101:  # not answered by a rejection in the same group
                 status = await _refuse(self.scope, self.send, failure)
         return status
@@ -270,16 +263,16 @@ class _Relay:
         if caller_left:  # even if the handshake just finished: the disconnect is taken
             # Nobody to answer (hypercorn drops what is sent now); the run's nursery
             # ends a WebSocket that did open, and the stream is reset.
-            raise _HandshakeFailed(CLIENT_CLOSED, "CLIENT_CLOSED", "the caller left")
+            raise ApiError(CLIENT_CLOSED, "CLIENT_CLOSED", "the caller left")
         if ws is not None:
             self.stream.handshake_allowance = None
             return ws
         if timer.cancelled_caught:
-            raise _HandshakeFailed(504, "TUNNEL_TIMEOUT", "the device did not answer in time")
+            raise ApiError(504, "TUNNEL_TIMEOUT", "the device did not answer in time")
         if self.stream.handshake_too_large:
             message = f"the device's handshake answer is over {MAX_HANDSHAKE_RESPONSE} bytes"
-            raise _HandshakeFailed(502, "TUNNEL_ERROR", message)
-        raise _HandshakeFailed(502, "TUNNEL_ERROR", "the tunnel failed during the handshake")
+            raise ApiError(502, "TUNNEL_ERROR", message)
+        raise ApiError(502, "TUNNEL_ERROR", "the tunnel failed during the handshake")
 
     async def _pass_rejection(self, exc: BaseException) -> int:
         assert isinstance(exc, ConnectionRejected)
