@@ -35,7 +35,14 @@ import trio
 
 from .forward import CHUNK_SIZE, MAX_HEAD_SIZE, abort_stream, header_tokens
 
-__all__ = ["HOP_BY_HOP_HEADERS", "ForwardError", "HttpResponse", "forward_http", "request_headers"]
+__all__ = [
+    "HOP_BY_HOP_HEADERS",
+    "ForwardError",
+    "HttpResponse",
+    "forward_http",
+    "request_headers",
+    "without_hop_by_hop",
+]
 
 #: Dropped from the caller's request headers (RFC 9110 7.6.1), with the headers that
 #: ``Connection`` names. A body of unknown length is still sent chunked.
@@ -62,6 +69,14 @@ def _as_bytes(value: bytes | str) -> bytes:
     return value.encode("latin-1") if isinstance(value, str) else value
 
 
+def without_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` minus the hop-by-hop ones and those that ``Connection`` names; order and
+    case of the rest kept."""
+    items = list(headers)
+    drop = HOP_BY_HOP_HEADERS | header_tokens(items, b"connection")
+    return [(name, value) for name, value in items if name.lower() not in drop]
+
+
 def request_headers(
     headers: Iterable[tuple[bytes | str, bytes | str]],
     body: bytes | AsyncIterable[bytes],
@@ -72,9 +87,7 @@ def request_headers(
     missing (first), and the body's framing: ``Content-Length`` for ``bytes`` (when not
     empty, or when the caller sent one), the caller's ``Content-Length`` for an
     iterable body if there is one, else ``Transfer-Encoding: chunked``."""
-    items = [(_as_bytes(name), _as_bytes(value)) for name, value in headers]
-    drop = HOP_BY_HOP_HEADERS | header_tokens(items, b"connection")
-    out = [(name, value) for name, value in items if name.lower() not in drop]
+    out = without_hop_by_hop((_as_bytes(name), _as_bytes(value)) for name, value in headers)
     if not any(name.lower() == b"host" for name, _ in out):
         out.insert(0, (b"Host", host))
     has_length = any(name.lower() == b"content-length" for name, _ in out)

@@ -56,8 +56,7 @@ from collections.abc import AsyncIterator, Callable, Iterable
 import trio
 
 from visiona_tunnel import yamux
-from visiona_tunnel.forward import header_tokens
-from visiona_tunnel.httpstream import HOP_BY_HOP_HEADERS, ForwardError, HttpResponse
+from visiona_tunnel.httpstream import ForwardError, HttpResponse, without_hop_by_hop
 from visiona_tunnel.relay import Tunnel
 
 from ..common.http import (
@@ -84,12 +83,6 @@ CLIENT_CLOSED = 499
 _DROPPED_REQUEST_HEADERS = frozenset({b"host", b"authorization", b"expect", REQUEST_ID_HEADER})
 
 
-def _without_hop_by_hop(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    items = list(headers)
-    drop = HOP_BY_HOP_HEADERS | header_tokens(items, b"connection")
-    return [(name, value) for name, value in items if name.lower() not in drop]
-
-
 def forwarded_headers(
     headers: Iterable[tuple[bytes, bytes]],
     request_id: str | None,
@@ -100,7 +93,7 @@ def forwarded_headers(
     ``drop`` (lower-case) go too. Order and case of the rest are kept."""
     dropped = _DROPPED_REQUEST_HEADERS | drop
     kept = [(name, value) for name, value in headers if name.lower() not in dropped]
-    out = _without_hop_by_hop(kept)
+    out = without_hop_by_hop(kept)
     if request_id is not None:
         out.append((b"X-Request-ID", request_id.encode()))
     return out
@@ -109,7 +102,7 @@ def forwarded_headers(
 def response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """The agent's response headers minus hop-by-hop ones; ``Content-Length`` is kept, and
     without one hypercorn frames the body itself (chunked)."""
-    return _without_hop_by_hop(headers)
+    return without_hop_by_hop(headers)
 
 
 class _TunnelTimer:
