@@ -25,7 +25,9 @@ from hypothesis.stateful import (
 )
 
 from visiona_tunnel.yamux.config import Config
-from visiona_tunnel.yamux.connection import (
+from visiona_tunnel.yamux.connection import YamuxConnection
+from visiona_tunnel.yamux.errors import GoAwayError, ProtocolError, StreamsExhausted
+from visiona_tunnel.yamux.events import (
     DataReceived,
     Event,
     GoAwayReceived,
@@ -35,9 +37,7 @@ from visiona_tunnel.yamux.connection import (
     StreamEnded,
     StreamOpened,
     WindowUpdated,
-    YamuxConnection,
 )
-from visiona_tunnel.yamux.errors import GoAwayError, ProtocolError, StreamsExhausted
 
 from .helpers import (
     ACK,

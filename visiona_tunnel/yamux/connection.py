@@ -487,16 +487,4 @@ class YamuxConnection:
             self._unacked -= 1
 
 
-__all__ = [
-    "DataReceived",
-    "Event",
-    "GoAwayReceived",
-    "PongReceived",
-    "ResetReceived",
-    "StreamAcked",
-    "StreamEnded",
-    "StreamOpened",
-    "StreamState",
-    "WindowUpdated",
-    "YamuxConnection",
-]
+__all__ = ["StreamState", "YamuxConnection"]

@@ -24,7 +24,9 @@ from contextlib import asynccontextmanager
 import trio
 
 from .config import Config
-from .connection import (
+from .connection import YamuxConnection
+from .errors import GoAwayError, KeepAliveTimeout, SessionClosed, SessionTimeout
+from .events import (
     DataReceived,
     Event,
     GoAwayReceived,
@@ -34,9 +36,7 @@ from .connection import (
     StreamEnded,
     StreamOpened,
     WindowUpdated,
-    YamuxConnection,
 )
-from .errors import GoAwayError, KeepAliveTimeout, SessionClosed, SessionTimeout
 from .stream import Stream
 from .writer import FrameWriter
 
