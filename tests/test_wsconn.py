@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
+import trio_websocket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from trio.testing import wait_all_tasks_blocked
@@ -22,6 +23,7 @@ from wsproto.frame_protocol import XorMaskerNull
 from visiona_tunnel.wsconn import (
     CLOSE_REPLACED,
     FAST_MASKING,
+    TrioWebSocketStream,
     WebSocketClosed,
     WebSocketRejected,
     WebSocketStream,
@@ -408,3 +410,65 @@ async def test_a_ping_received_during_a_write_is_answered() -> None:
 async def test_a_close_received_during_a_write_is_answered() -> None:
     received = await _control_owed_during_a_write(CloseConnection(code=1000))
     assert any(isinstance(e, CloseConnection) for e in received), received
+
+
+# -- TrioWebSocketStream (a byte stream over a trio-websocket connection) -----------------
+
+
+@asynccontextmanager
+async def trio_websocket_pair() -> AsyncIterator[
+    tuple[trio_websocket.WebSocketConnection, trio_websocket.WebSocketConnection]
+]:
+    """(client, server) trio-websocket connections over loopback TCP, closed at the end."""
+    accepted, incoming = trio.open_memory_channel[trio_websocket.WebSocketConnection](1)
+
+    async def handler(request: trio_websocket.WebSocketRequest) -> None:
+        await accepted.send(await request.accept())
+        await trio.sleep_forever()  # the connection lives as long as its handler
+
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(
+            trio_websocket.serve_websocket, handler, "127.0.0.1", 0, ssl_context=None
+        )
+        server: trio_websocket.WebSocketServer = await nursery.start(serve)
+        # Our own TCP stream: trio-websocket's client leaves its socket open when the
+        # server closes with 1003.
+        async with await trio.open_tcp_stream("127.0.0.1", server.port) as tcp:
+            client = await trio_websocket.wrap_client_stream(nursery, tcp, "127.0.0.1", "/")
+            yield client, await incoming.receive()
+            await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_trio_websocket_stream_reads_messages_as_bytes_in_order() -> None:
+    async with trio_websocket_pair() as (client, server):
+        stream = TrioWebSocketStream(server)
+        for message in (b"abc", b"", b"defgh"):
+            await client.send_message(message)
+        received = b""
+        while len(received) < 8:
+            received += await stream.receive_some(2)
+        assert received == b"abcdefgh"
+        with pytest.raises(ValueError):
+            await stream.receive_some(0)
+
+
+async def test_trio_websocket_stream_reads_a_normal_close_as_end_of_file() -> None:
+    async with trio_websocket_pair() as (client, server):
+        stream = TrioWebSocketStream(server)
+        await client.send_message(b"last")
+        await client.aclose(1000)
+        assert await stream.receive_some() == b"last"
+        assert await stream.receive_some() == b""
+
+
+async def test_trio_websocket_stream_refuses_a_text_message_with_1003() -> None:
+    async with trio_websocket_pair() as (client, server):
+        stream = TrioWebSocketStream(server)
+        await client.send_message("text")
+        with pytest.raises(WebSocketClosed) as closed:
+            await stream.receive_some()
+        assert closed.value.code == 1003
+        with pytest.raises(trio_websocket.ConnectionClosed) as seen:
+            await client.get_message()
+        assert seen.value.reason is not None and seen.value.reason.code == 1003

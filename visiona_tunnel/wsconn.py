@@ -16,7 +16,6 @@ relay drops a tunnel because a newer one for the same device arrived.
 from __future__ import annotations
 
 import copy
-import operator
 import os
 import ssl
 import struct
@@ -528,16 +527,15 @@ class TrioWebSocketStream(trio.abc.Stream):
 
     def __init__(self, connection: trio_websocket.WebSocketConnection) -> None:
         self.connection = connection
-        self._chunk = b""
+        self._chunks = ChunkBuffer()
         self._eof = False
         self._receive_conflict = ConflictDetector("another task is receiving on this WebSocket")
         self._send_conflict = ConflictDetector("another task is sending on this WebSocket")
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        if max_bytes is not None and operator.index(max_bytes) < 1:
-            raise ValueError("max_bytes must be at least 1")
+        max_bytes = checked_max_bytes(max_bytes)
         with self._receive_conflict:
-            while not self._chunk:
+            while not self._chunks:
                 if self._eof:
                     await trio.lowlevel.checkpoint()
                     return b""
@@ -552,12 +550,9 @@ class TrioWebSocketStream(trio.abc.Stream):
                 if isinstance(message, str):
                     await self.connection.aclose(CloseReason.UNSUPPORTED_DATA, "text message")
                     raise WebSocketClosed(CloseReason.UNSUPPORTED_DATA, "text message")
-                self._chunk = message
-            if max_bytes is None or len(self._chunk) <= max_bytes:
-                data, self._chunk = self._chunk, b""
-            else:
-                data, self._chunk = self._chunk[:max_bytes], self._chunk[max_bytes:]
-            return data
+                if message:
+                    self._chunks.append(message)
+            return self._chunks.take(max_bytes)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         with self._send_conflict:
