@@ -20,9 +20,27 @@ class ConfigError(Exception):
     """A configuration variable is missing or has a bad value."""
 
 
-def env(name: str) -> dict[str, str]:
-    """Field metadata naming the environment variable a field is read from."""
-    return {_ENV_KEY: name}
+_HELP_KEY = "help"
+
+
+def env(name: str, help: str = "") -> dict[str, str]:
+    """Field metadata naming the environment variable a field is read from (and what it
+    means, for ``--help``)."""
+    return {_ENV_KEY: name, _HELP_KEY: help}
+
+
+def describe_variables(cls: type[Any]) -> str:
+    """One line per variable of ``cls``: name, default and meaning (for ``--help``)."""
+    lines = []
+    for field in attrs.fields(cls):
+        if _ENV_KEY not in field.metadata:
+            continue
+        default = field.default
+        shown = "" if default in ("", attrs.NOTHING) else f" [{default}]"
+        lines.append(f"  {field.metadata[_ENV_KEY]}{shown}")
+        if field.metadata.get(_HELP_KEY):
+            lines.append(f"      {field.metadata[_HELP_KEY]}")
+    return "\n".join(lines)
 
 
 def _make_converter() -> cattrs.Converter:

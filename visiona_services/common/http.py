@@ -257,14 +257,15 @@ def _http_error_code(status: int) -> str:
         404: "NOT_FOUND",
         405: "METHOD_NOT_ALLOWED",
         413: "PAYLOAD_TOO_LARGE",
+        429: "RATE_LIMITED",
     }
     return codes.get(status, "INTERNAL_ERROR" if status >= 500 else "HTTP_ERROR")
 
 
-def install_json_error_handlers(app: quart.Quart) -> None:
+def install_json_error_handlers(app: quart.Quart, internal_code: str = "INTERNAL_ERROR") -> None:
     """Make every error of ``app`` an envelope: :class:`ApiError`, werkzeug's
-    ``HTTPException`` (404, 405 ... with ``Allow`` kept), and any other exception (500,
-    logged with its traceback)."""
+    ``HTTPException`` (404, 405 ... with ``Allow`` kept), and any other exception (500
+    ``internal_code``, logged with its traceback, nothing of it in the answer)."""
 
     @app.errorhandler(ApiError)
     async def api_error(error: ApiError) -> quart.Response:
@@ -280,4 +281,4 @@ def install_json_error_handlers(app: quart.Quart) -> None:
     @app.errorhandler(Exception)
     async def unexpected(error: Exception) -> quart.Response:
         logger.error("unhandled error", exc_info=error)
-        return json_response(500, error_envelope("INTERNAL_ERROR", "internal error"))
+        return json_response(500, error_envelope(internal_code, "internal error"))

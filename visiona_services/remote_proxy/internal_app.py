@@ -12,6 +12,7 @@ route                                              answer
 ``ANY /internal/forward/{device_id}/{path}``       an HTTP request to the device's local server
                                                    (raw ASGI, :mod:`.http_forward`)
 ``WS /internal/forward-ws/{device_id}/{path}``     a WebSocket to it (raw ASGI, :mod:`.ws_forward`)
+``GET /internal/health``                           ``{"tunnels": n, "draining": bool}``
 ``GET /metrics``                                   Prometheus text
 =================================================  =============================================
 
@@ -347,6 +348,14 @@ def _register_routes(app: QuartTrio, state: ProxyState) -> None:
         await tunnel.close(1000, "closed by the remote-proxy")
         logger.info("session closed by request", extra={"device": device_id})
         return json_response(200, ok_envelope({"device_id": device_id, "closed": True}))
+
+    @app.get("/internal/health")
+    async def health() -> quart.Response:
+        # Cheap at any number of tunnels: the api-server's health check calls it.
+        draining = state.draining.is_set()
+        return json_response(
+            200, ok_envelope({"tunnels": len(state.tunnels), "draining": draining})
+        )
 
     @app.get("/metrics")
     async def metrics() -> quart.Response:

@@ -250,6 +250,15 @@ async def test_sessions_lists_the_connected_device(proxy: Proxy, agent: PyAgent)
     assert session["rtt_ms"] is None or session["rtt_ms"] >= 0
 
 
+async def test_health_counts_tunnels_and_says_whether_draining(
+    proxy: Proxy, agent: PyAgent
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        response = await call(proxy.port, "GET", "/internal/health")
+    assert response.status == 200
+    assert json_of(response)["data"] == {"tunnels": 1, "draining": False}
+
+
 async def test_session_by_device(proxy: Proxy, agent: PyAgent) -> None:
     with trio.fail_after(TEST_TIMEOUT):
         response = await call(proxy.port, "GET", f"/internal/sessions/{DEVICE}")

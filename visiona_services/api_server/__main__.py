@@ -1,0 +1,82 @@
+"""``visiona-api-server`` / ``python -m visiona_services.api_server``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+import trio
+
+from ..common.envconfig import ConfigError, describe_variables
+from ..common.logs import configure_logging
+from .config import ApiConfig
+from .db import Database
+from .server import CannotListen, logger, serve_api_server
+
+PROG = "visiona-api-server"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="The visionA api-server: OIDC login, devices, models (REST/WS, :3721).",
+        epilog="configuration (environment variables, defaults in brackets):\n"
+        + describe_variables(ApiConfig),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", help="apply migrations, then serve (the default)")
+    commands.add_parser("migrate", help="apply database migrations, then exit")
+    return parser
+
+
+async def run(config: ApiConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_api_server, config)
+            async for signum in signals:
+                logger.info("stopping", extra={"signal": signal.Signals(signum).name})
+                server.stop()
+                break
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging("info")
+    try:
+        config, generated = ApiConfig.from_env()
+        configure_logging(config.log_level)
+        if args.command != "migrate":
+            config.require_oidc()
+    except ConfigError as exc:
+        return _fail(str(exc), 2)
+    if generated:  # VISIONA_ENV=dev: the operator needs these for the remote-proxy
+        print(f"{PROG}: VISIONA_ENV=dev, generated secrets (kept in {config.data_dir}):")
+        for variable, value in generated.items():
+            print(f"  {variable}={value}")
+        sys.stdout.flush()
+    if args.command == "migrate":
+        database = Database(config.resolved_database_url)
+        try:
+            database.migrate()
+        finally:
+            database.dispose()
+        print(f"{PROG}: the database is up to date")
+        return 0
+    failure: str | None = None
+    try:
+        trio.run(run, config)
+    except* CannotListen as group:  # a busy port: one line, not a traceback
+        failure = str(group.exceptions[0])
+    return _fail(failure, 1) if failure else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

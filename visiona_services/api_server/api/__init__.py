@@ -1,0 +1,1 @@
+"""The api-server's routes, one module per domain; each has ``register(app)``."""

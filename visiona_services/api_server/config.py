@@ -1,0 +1,376 @@
+"""api-server configuration, from the environment (docs/api-server.md lists every variable).
+
+:meth:`ApiConfig.from_env` reads, checks and completes it: a value that does not parse stops
+the start naming the variable (:class:`ConfigError`, exit code 2), production refuses
+missing or well-known secrets, and ``VISIONA_ENV=dev`` generates the missing ones, keeps
+them in ``{VISIONA_DATA_DIR}/dev-secrets.env`` (so a restart keeps sessions) and reports
+them for the operator to print.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+from ..common.envconfig import ConfigError, env, load
+
+__all__ = ["ApiConfig", "ConfigError", "RateLimit"]
+
+#: Secrets shorter than this are refused in production.
+MIN_SECRET_LENGTH = 32
+#: Values seen in examples, seeds and demos: never accepted as a production secret.
+KNOWN_DEFAULT_SECRETS = frozenset(
+    {"changeme", "change-me", "secret", "s3cret", "password", "dev", "test", "demo"}
+)
+_KNOWN_DEFAULT_PREFIXES = ("dev-", "demo-", "test-", "example")
+DEV_ENVIRONMENTS = ("dev", "development")
+ENVIRONMENTS = (*DEV_ENVIRONMENTS, "production")
+LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
+#: The secrets a dev start may generate (field name -> variable).
+_GENERATED_SECRETS = {
+    "session_secret": "VISIONA_SESSION_SECRET",
+    "internal_secret": "VISIONA_INTERNAL_SECRET",
+}
+DEV_SECRETS_FILE = "dev-secrets.env"
+
+
+def _variable(attribute: attrs.Attribute[Any]) -> str:
+    return str(attribute.metadata.get("env", attribute.name))
+
+
+def _port(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{_variable(attribute)}: port must be within 0..65535, got {value}")
+
+
+def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{_variable(attribute)}: must be positive, got {value}")
+
+
+def _one_of(*choices: str) -> Callable[[object, attrs.Attribute[str], str], None]:
+    def check(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+        if value.lower() not in choices:
+            expected = ", ".join(choices)
+            raise ValueError(f"{_variable(attribute)}: expected one of {expected}; got {value!r}")
+
+    return check
+
+
+def origin_of(url: str) -> str:
+    """``scheme://host[:port]`` of an http(s) URL, lower-case, default port left out.
+
+    Raises:
+        ValueError: not an http(s) URL with a host, or one with credentials.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http(s) URL, got {url!r}")
+    if "@" in parts.netloc:
+        raise ValueError(f"must not hold credentials: {url!r}")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad port in {url!r}: {exc}") from None
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    default = {"http": 80, "https": 443}[parts.scheme]
+    return f"{parts.scheme}://{host}" + ("" if port in (None, default) else f":{port}")
+
+
+def _public_url(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    try:
+        origin_of(value)
+    except ValueError as exc:
+        raise ValueError(f"{_variable(attribute)}: {exc}") from None
+    parts = urlsplit(value)
+    if parts.query or parts.fragment or parts.path.strip("/"):
+        raise ValueError(f"{_variable(attribute)}: expected scheme://host[:port], got {value!r}")
+
+
+def _http_url(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    try:
+        origin_of(value)
+    except ValueError as exc:
+        raise ValueError(f"{_variable(attribute)}: {exc}") from None
+    parts = urlsplit(value)
+    if parts.query or parts.fragment:
+        raise ValueError(f"{_variable(attribute)}: must not have a query or fragment: {value!r}")
+
+
+def _origins(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    for item in _split(value):
+        try:
+            if origin_of(item) != item.rstrip("/").lower():
+                raise ValueError(f"an origin is scheme://host[:port], got {item!r}")
+        except ValueError as exc:
+            raise ValueError(f"{_variable(attribute)}: {exc}") from None
+
+
+def _scopes(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if "openid" not in value.split():
+        raise ValueError(f"{_variable(attribute)}: must include 'openid', got {value!r}")
+
+
+def _without_trailing_slash(value: object) -> str:
+    return str(value).rstrip("/")
+
+
+def _split(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+@attrs.frozen
+class RateLimit:
+    """``N/S``: a bucket of ``N`` requests, refilled at ``N`` per ``S`` seconds."""
+
+    requests: int
+    per_seconds: float
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        count, sep, seconds = text.partition("/")
+        try:
+            limit = cls(int(count), float(seconds))
+        except ValueError:
+            raise ValueError(f"expected N/SECONDS (e.g. 20/60), got {text!r}") from None
+        if not sep or limit.requests < 1 or not limit.per_seconds > 0:
+            raise ValueError(f"expected N/SECONDS with N >= 1 and SECONDS > 0, got {text!r}")
+        return limit
+
+
+def _rate_limit(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    try:
+        RateLimit.parse(value)
+    except ValueError as exc:
+        raise ValueError(f"{_variable(attribute)}: {exc}") from None
+
+
+@attrs.frozen(kw_only=True)
+class ApiConfig:
+    host: str = attrs.field(
+        default="127.0.0.1", metadata=env("VISIONA_API_HOST", "address to listen on")
+    )
+    port: int = attrs.field(
+        default=3721, validator=_port, metadata=env("VISIONA_API_PORT", "port to listen on")
+    )
+    public_url: str = attrs.field(
+        default="http://127.0.0.1:3721",
+        validator=_public_url,
+        converter=_without_trailing_slash,
+        metadata=env(
+            "VISIONA_PUBLIC_URL",
+            "the browser-facing origin: OIDC redirect URI {it}/api/auth/callback; "
+            "cookies are Secure when it is https",
+        ),
+    )
+    data_dir: str = attrs.field(
+        default="./data", metadata=env("VISIONA_DATA_DIR", "where local state is kept")
+    )
+    database_url: str = attrs.field(
+        default="",
+        metadata=env(
+            "VISIONA_DATABASE_URL",
+            "SQLAlchemy URL [sqlite:///{VISIONA_DATA_DIR}/visiona.db]; "
+            "PostgreSQL: postgresql+psycopg://user:pass@host/db",
+        ),
+    )
+    session_secret: str = attrs.field(
+        default="",
+        repr=False,
+        metadata=env("VISIONA_SESSION_SECRET", "signs session and login cookies (required)"),
+    )
+    internal_secret: str = attrs.field(
+        default="",
+        repr=False,
+        metadata=env(
+            "VISIONA_INTERNAL_SECRET",
+            "bearer secret shared with the remote-proxy, both ways (required)",
+        ),
+    )
+    proxy_internal_url: str = attrs.field(
+        default="http://127.0.0.1:3801",
+        validator=_http_url,
+        converter=_without_trailing_slash,
+        metadata=env("VISIONA_PROXY_INTERNAL_URL", "the remote-proxy's internal API"),
+    )
+    oidc_issuer: str = attrs.field(
+        default="",
+        converter=_without_trailing_slash,
+        metadata=env("VISIONA_OIDC_ISSUER", "the OpenID provider's issuer URL (required)"),
+    )
+    oidc_client_id: str = attrs.field(
+        default="", metadata=env("VISIONA_OIDC_CLIENT_ID", "our client id there (required)")
+    )
+    oidc_client_secret: str = attrs.field(
+        default="",
+        repr=False,
+        metadata=env(
+            "VISIONA_OIDC_CLIENT_SECRET",
+            "optional: without it the client is public (PKCE only, token auth 'none')",
+        ),
+    )
+    oidc_scopes: str = attrs.field(
+        default="openid email profile",
+        validator=_scopes,
+        metadata=env("VISIONA_OIDC_SCOPES", "scopes asked for at login"),
+    )
+    cors_allowed_origins: str = attrs.field(
+        default="",
+        validator=_origins,
+        metadata=env(
+            "VISIONA_CORS_ALLOWED_ORIGINS",
+            "comma-separated origins allowed to call the API with credentials "
+            "(the public URL's origin always is)",
+        ),
+    )
+    log_level: str = attrs.field(
+        default="info",
+        validator=_one_of(*LOG_LEVELS),
+        metadata=env("VISIONA_LOG_LEVEL", "debug, info, warning, error"),
+    )
+    environment: str = attrs.field(
+        default="production",
+        validator=_one_of(*ENVIRONMENTS),
+        metadata=env("VISIONA_ENV", "production, or dev (generates and prints missing secrets)"),
+    )
+    session_idle_timeout: float = attrs.field(
+        default=1800.0,
+        validator=_positive,
+        metadata=env("VISIONA_SESSION_IDLE_TIMEOUT", "seconds a session lives unused"),
+    )
+    session_max_age: float = attrs.field(
+        default=43200.0,
+        validator=_positive,
+        metadata=env("VISIONA_SESSION_MAX_AGE", "seconds a session lives at most"),
+    )
+    login_timeout: float = attrs.field(
+        default=600.0,
+        validator=_positive,
+        metadata=env("VISIONA_LOGIN_TIMEOUT", "seconds a started login may take"),
+    )
+    rate_limit_login: str = attrs.field(
+        default="20/60",
+        validator=_rate_limit,
+        metadata=env(
+            "VISIONA_RATE_LIMIT_LOGIN",
+            "N/SECONDS per client address for login and callback",
+        ),
+    )
+    db_threads: int = attrs.field(
+        default=8,
+        validator=_port,
+        metadata=env("VISIONA_DB_THREADS", "worker threads for database calls"),
+    )
+
+    @property
+    def is_dev(self) -> bool:
+        return self.environment.lower() in DEV_ENVIRONMENTS
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{Path(self.data_dir).resolve() / 'visiona.db'}"
+
+    @property
+    def redirect_uri(self) -> str:
+        return f"{self.public_url}/api/auth/callback"
+
+    @property
+    def secure_cookies(self) -> bool:
+        return self.public_url.startswith("https://")
+
+    @property
+    def allowed_origins(self) -> frozenset[str]:
+        """The origins trusted for CSRF and CORS: ours and the configured ones."""
+        configured = (origin_of(item) for item in _split(self.cors_allowed_origins))
+        return frozenset({origin_of(self.public_url), *configured})
+
+    @property
+    def cors_origins(self) -> frozenset[str]:
+        return frozenset(origin_of(item) for item in _split(self.cors_allowed_origins))
+
+    @property
+    def login_rate_limit(self) -> RateLimit:
+        return RateLimit.parse(self.rate_limit_login)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> tuple[ApiConfig, dict[str, str]]:
+        """Read the configuration; return it with the secrets generated for a dev start
+        (variable -> value, for the operator; empty otherwise).
+
+        Raises:
+            ConfigError: naming the variable that is missing or wrong.
+        """
+        config = load(cls, os.environ if environ is None else environ)
+        return config.with_secrets()
+
+    def with_secrets(self) -> tuple[ApiConfig, dict[str, str]]:
+        """Check the secrets; in dev, complete the missing ones (see the module doc)."""
+        generated: dict[str, str] = {}
+        config = self
+        for field, variable in _GENERATED_SECRETS.items():
+            value: str = getattr(config, field)
+            if value and (config.is_dev or not _weak_secret(value)):
+                continue
+            if not config.is_dev:
+                problem = "is required" if not value else "is a known or weak value"
+                raise ConfigError(
+                    f"{variable} {problem} in production (at least {MIN_SECRET_LENGTH} "
+                    "random characters; or set VISIONA_ENV=dev to generate one)"
+                )
+            generated[variable] = _dev_secret(Path(config.data_dir), variable)
+            config = attrs.evolve(config, **{field: generated[variable]})  # type: ignore[arg-type]
+        return config, generated
+
+    def require_oidc(self) -> None:
+        """Serving needs a provider; ``migrate`` does not.
+
+        Raises:
+            ConfigError: naming the missing variable.
+        """
+        for variable, value in (
+            ("VISIONA_OIDC_ISSUER", self.oidc_issuer),
+            ("VISIONA_OIDC_CLIENT_ID", self.oidc_client_id),
+        ):
+            if not value:
+                raise ConfigError(f"{variable} is required (OIDC is the only way in)")
+        try:
+            origin_of(self.oidc_issuer)
+        except ValueError as exc:
+            raise ConfigError(f"VISIONA_OIDC_ISSUER: {exc}") from None
+
+
+def _weak_secret(value: str) -> bool:
+    lowered = value.lower()
+    return (
+        len(value) < MIN_SECRET_LENGTH
+        or lowered in KNOWN_DEFAULT_SECRETS
+        or lowered.startswith(_KNOWN_DEFAULT_PREFIXES)
+    )
+
+
+def _dev_secret(data_dir: Path, variable: str) -> str:
+    """The dev secret for ``variable``: the one kept under ``data_dir``, or a new one
+    written there (mode 0600)."""
+    path = data_dir / DEV_SECRETS_FILE
+    kept: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            name, sep, value = line.partition("=")
+            if sep:
+                kept[name.strip()] = value.strip()
+    if kept.get(variable):
+        return kept[variable]
+    kept[variable] = secrets.token_urlsafe(32)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.writelines(f"{name}={value}\n" for name, value in kept.items())
+    return kept[variable]

@@ -1,0 +1,99 @@
+"""``serve_api_server``: the api-server on hypercorn, with everything it owns.
+
+The listening sockets are made first (a busy port fails before anything else starts),
+then the services (:func:`.services.open_services`: database migrated, HTTP client), then
+hypercorn serves the app until ``stop()``.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+
+from .app import create_app
+from .config import ApiConfig
+from .services import ApiServices, open_services
+
+__all__ = ["CannotListen", "RunningApiServer", "hypercorn_config", "serve_api_server"]
+
+logger = logging.getLogger("visiona_services.api_server")
+
+
+@attrs.frozen
+class RunningApiServer:
+    services: ApiServices
+    urls: list[str]
+    #: Begin a graceful shutdown; ``serve_api_server`` returns once it is done.
+    stop: Callable[[], None]
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def hypercorn_config(config: ApiConfig) -> HypercornConfig:
+    hyper = HypercornConfig()
+    hyper.bind = [_bind(config.host, config.port)]
+    hyper.accesslog = None  # the middleware logs each request (JSON, with its id)
+    hyper.errorlog = logging.getLogger("hypercorn.error")
+    hyper.include_server_header = False
+    hyper.graceful_timeout = 5.0
+    return hyper
+
+
+class CannotListen(Exception):
+    """The listening address cannot be bound; the message names it and why."""
+
+
+def listen(config: ApiConfig) -> tuple[HypercornConfig, Sockets]:
+    """The hypercorn settings and the bound sockets.
+
+    Raises:
+        CannotListen: the address is in use, not ours ...
+    """
+    hyper = hypercorn_config(config)
+    try:
+        sockets = hyper.create_sockets()
+        for sock in sockets.insecure_sockets:
+            sock.listen(hyper.backlog)
+        return hyper, sockets
+    except OSError as exc:
+        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+        raise CannotListen(f"cannot listen on {hyper.bind[0]}: {reason}") from None
+
+
+async def serve_api_server(
+    config: ApiConfig,
+    *,
+    sockets: Sockets | None = None,
+    task_status: trio.TaskStatus[RunningApiServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until ``stop()``; ``task_status.started`` gives the bound URLs.
+
+    ``sockets``: already bound by :func:`listen` (to know the port before the start).
+
+    Raises:
+        CannotListen: the address cannot be bound.
+    """
+    hyper, bound = listen(config) if sockets is None else (hypercorn_config(config), sockets)
+    stopping = trio.Event()
+    async with open_services(config) as services, trio.open_nursery() as nursery:
+        urls = await nursery.start(
+            lambda task_status: worker_serve(
+                wrap_app(create_app(services), hyper.wsgi_max_body_size, None),
+                hyper,
+                sockets=bound,
+                shutdown_trigger=stopping.wait,
+                task_status=task_status,
+            )
+        )
+        logger.info("listening", extra={"urls": urls, "public_url": config.public_url})
+        task_status.started(RunningApiServer(services, urls, stopping.set))

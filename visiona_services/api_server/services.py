@@ -1,0 +1,80 @@
+"""What the routes use, built once per process: configuration, database, OIDC client,
+outgoing HTTP, rate limiter. :func:`open_services` owns them (an async context manager:
+the HTTP client and the database close when it ends)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import cast
+
+import attrs
+import httpx
+import quart
+import trio
+
+from .auth.oidc import OidcClient
+from .auth.sessions import SessionPolicy
+from .config import ApiConfig, RateLimit
+from .db import Database
+from .ratelimit import RateLimiter
+
+__all__ = ["ApiServices", "current_services", "open_services"]
+
+_EXTENSION = "visiona"
+#: Outgoing calls (the provider, the remote-proxy) give up after this long.
+HTTP_TIMEOUT = 10.0
+
+
+@attrs.define(eq=False)
+class ApiServices:
+    config: ApiConfig
+    db: Database
+    oidc: OidcClient
+    http: httpx.AsyncClient
+    limiter: RateLimiter
+    session_policy: SessionPolicy
+    #: Now, for session and login lifetimes (tests move it).
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+
+    def rate_limit(self, bucket: str) -> RateLimit:
+        """The limit named ``bucket`` (a route's :func:`~.policy.rate_limited`)."""
+        limits = {"login": self.config.login_rate_limit}
+        return limits[bucket]
+
+    def install(self, app: quart.Quart) -> None:
+        app.extensions[_EXTENSION] = self
+
+
+def current_services() -> ApiServices:
+    return cast(ApiServices, quart.current_app.extensions[_EXTENSION])
+
+
+@asynccontextmanager
+async def open_services(config: ApiConfig, *, migrate: bool = True) -> AsyncIterator[ApiServices]:
+    """Everything the app needs; with ``migrate`` the database schema is brought up to
+    date first."""
+    db = Database(config.resolved_database_url, config.db_threads)
+    try:
+        if migrate:
+            await trio.to_thread.run_sync(db.migrate)
+        async with httpx.AsyncClient(
+            timeout=HTTP_TIMEOUT, follow_redirects=False, trust_env=False
+        ) as http:
+            oidc = OidcClient(
+                issuer=config.oidc_issuer,
+                client_id=config.oidc_client_id,
+                client_secret=config.oidc_client_secret or None,
+                scopes=config.oidc_scopes,
+                redirect_uri=config.redirect_uri,
+                http=http,
+            )
+            policy = SessionPolicy(
+                idle_timeout=timedelta(seconds=config.session_idle_timeout),
+                max_age=timedelta(seconds=config.session_max_age),
+                login_timeout=timedelta(seconds=config.login_timeout),
+            )
+            yield ApiServices(config, db, oidc, http, RateLimiter(), policy)
+    finally:
+        db.dispose()
