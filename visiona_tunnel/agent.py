@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from datetime import UTC, datetime
 
 import trio
 
@@ -30,7 +31,7 @@ class JsonLineFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, object] = {
-            "ts": round(record.created, 3),
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
