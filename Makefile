@@ -26,8 +26,8 @@ $(DEVIDP_STAMP): devidp/package.json devidp/package-lock.json
 
 devidp: $(DEVIDP_STAMP)
 
-run: $(STAMP)
-	$(PY) -m examples.remote_proxy_demo
+run: $(STAMP) $(DEVIDP_STAMP)
+	$(PY) -m examples.system_demo
 
 test: lint typecheck pytest
 
