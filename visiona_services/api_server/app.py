@@ -67,12 +67,9 @@ def _error_response(error: ApiError) -> quart.Response:
         page = auth_api.error_page(
             error.status, error.code, error.message, current_request_id.get()
         )
-        return quart.Response(
-            page,
-            status=error.status,
-            headers=WerkzeugHeaders(error.headers),
-            content_type="text/html",
-        )
+        headers = WerkzeugHeaders(error.headers)
+        headers["Content-Security-Policy"] = "default-src 'none'; frame-ancestors 'none'"
+        return quart.Response(page, status=error.status, headers=headers, content_type="text/html")
     return json_response(error.status, error_envelope(error.code, error.message), error.headers)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable, Mapping
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -112,6 +113,18 @@ def _origins(instance: object, attribute: attrs.Attribute[str], value: str) -> N
             raise ValueError(f"{_variable(attribute)}: {exc}") from None
 
 
+def _networks(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    try:
+        parse_networks(value)
+    except ValueError as exc:
+        raise ValueError(f"{_variable(attribute)}: {exc}") from None
+
+
+def parse_networks(value: str) -> tuple[IPv4Network | IPv6Network, ...]:
+    """``"10.0.0.0/8, ::1"`` -> networks (a bare address is a network of one)."""
+    return tuple(ip_network(item, strict=False) for item in _split(value))
+
+
 def _scopes(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     if "openid" not in value.split():
         raise ValueError(f"{_variable(attribute)}: must include 'openid', got {value!r}")
@@ -174,6 +187,7 @@ class ApiConfig:
     )
     database_url: str = attrs.field(
         default="",
+        repr=False,  # may hold a password
         metadata=env(
             "VISIONA_DATABASE_URL",
             "SQLAlchemy URL [sqlite:///{VISIONA_DATA_DIR}/visiona.db]; "
@@ -201,7 +215,6 @@ class ApiConfig:
     )
     oidc_issuer: str = attrs.field(
         default="",
-        converter=_without_trailing_slash,
         metadata=env("VISIONA_OIDC_ISSUER", "the OpenID provider's issuer URL (required)"),
     )
     oidc_client_id: str = attrs.field(
@@ -227,6 +240,15 @@ class ApiConfig:
             "VISIONA_CORS_ALLOWED_ORIGINS",
             "comma-separated origins allowed to call the API with credentials "
             "(the public URL's origin always is)",
+        ),
+    )
+    trusted_proxies: str = attrs.field(
+        default="",
+        validator=_networks,
+        metadata=env(
+            "VISIONA_TRUSTED_PROXIES",
+            "comma-separated addresses or networks of reverse proxies whose "
+            "X-Forwarded-For names the client (for rate limits and the audit trail)",
         ),
     )
     log_level: str = attrs.field(
@@ -260,6 +282,14 @@ class ApiConfig:
         metadata=env(
             "VISIONA_RATE_LIMIT_LOGIN",
             "N/SECONDS per client address for login and callback",
+        ),
+    )
+    rate_limit_backchannel: str = attrs.field(
+        default="60/60",
+        validator=_rate_limit,
+        metadata=env(
+            "VISIONA_RATE_LIMIT_BACKCHANNEL",
+            "N/SECONDS per client address for back-channel logout",
         ),
     )
     db_threads: int = attrs.field(
@@ -297,6 +327,10 @@ class ApiConfig:
         return frozenset(origin_of(item) for item in _split(self.cors_allowed_origins))
 
     @property
+    def trusted_proxy_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        return parse_networks(self.trusted_proxies)
+
+    @property
     def login_rate_limit(self) -> RateLimit:
         return RateLimit.parse(self.rate_limit_login)
 
@@ -327,6 +361,10 @@ class ApiConfig:
                 )
             generated[variable] = _dev_secret(Path(config.data_dir), variable)
             config = attrs.evolve(config, **{field: generated[variable]})  # type: ignore[arg-type]
+        if not config.is_dev and config.session_secret == config.internal_secret:
+            raise ConfigError(
+                "VISIONA_SESSION_SECRET and VISIONA_INTERNAL_SECRET must differ in production"
+            )
         return config, generated
 
     def require_oidc(self) -> None:
@@ -358,19 +396,20 @@ def _weak_secret(value: str) -> bool:
 
 def _dev_secret(data_dir: Path, variable: str) -> str:
     """The dev secret for ``variable``: the one kept under ``data_dir``, or a new one
-    written there (mode 0600)."""
+    written there. The file is the operator's only (0600, never through a link)."""
     path = data_dir / DEV_SECRETS_FILE
-    kept: dict[str, str] = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)  # also when the file was there with looser rights
+    with os.fdopen(fd, "r+") as file:
+        kept: dict[str, str] = {}
+        for line in file.read().splitlines():
             name, sep, value = line.partition("=")
             if sep:
                 kept[name.strip()] = value.strip()
-    if kept.get(variable):
-        return kept[variable]
-    kept[variable] = secrets.token_urlsafe(32)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.writelines(f"{name}={value}\n" for name, value in kept.items())
+        if not kept.get(variable):
+            kept[variable] = secrets.token_urlsafe(32)
+            file.seek(0)
+            file.truncate()
+            file.writelines(f"{name}={value}\n" for name, value in kept.items())
     return kept[variable]

@@ -2,6 +2,8 @@
 
 It sees every ``http`` and ``websocket`` scope before Quart does:
 
+* behind a trusted reverse proxy (``VISIONA_TRUSTED_PROXIES``), takes the client's
+  address from ``X-Forwarded-For`` (the nearest hop that is not a trusted proxy);
 * picks the request id (the caller's sane ``X-Request-ID`` or a new one), sets it for the
   logs and the error envelopes, and returns it on every response;
 * answers CORS preflights: an allowed origin (``VISIONA_CORS_ALLOWED_ORIGINS``) gets 204
@@ -16,6 +18,7 @@ It sees every ``http`` and ``websocket`` scope before Quart does:
 from __future__ import annotations
 
 import logging
+from ipaddress import ip_address
 
 import trio
 
@@ -48,12 +51,15 @@ class ApiMiddleware:
     def __init__(self, app: AsgiApp, config: ApiConfig) -> None:
         self.app = app
         self.cors_origins = config.cors_origins
+        self.trusted_proxies = config.trusted_proxy_networks
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)  # lifespan
             return
         headers = scope.get("headers", [])
+        if self.trusted_proxies:
+            scope["client"] = self._forwarded_client(scope)
         with request_id_context(headers) as request_id:
             origins = header_values(headers, b"origin")
             origin = origins[0].decode("latin-1").lower() if len(origins) == 1 else None
@@ -89,6 +95,26 @@ class ApiMiddleware:
                         "duration_ms": round((trio.current_time() - start) * 1000, 1),
                     },
                 )
+
+    def _forwarded_client(self, scope: Scope) -> tuple[str, int] | None:
+        """The client as the trusted proxies in front of us saw it."""
+        client = scope.get("client")
+        if not client:
+            return None
+        hops = [
+            hop.strip()
+            for value in header_values(scope.get("headers", []), b"x-forwarded-for")
+            for hop in value.decode("latin-1").split(",")
+        ]
+        current = (str(client[0]), int(client[1]))
+        for hop in [current[0], *reversed(hops)]:
+            try:
+                address = ip_address(hop)
+            except ValueError:
+                break  # a hop we cannot read: trust nothing beyond it
+            if not any(address in network for network in self.trusted_proxies):
+                return (str(address), 0) if hop != current[0] else current
+        return current
 
     @staticmethod
     def _response_headers(

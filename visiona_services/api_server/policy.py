@@ -26,6 +26,7 @@ import quart
 from ..common.http import ApiError, bearer_matches
 from .auth.cookies import unsign
 from .auth.sessions import Principal, load_session
+from .ratelimit import client_key
 from .services import ApiServices, current_services
 
 __all__ = [
@@ -115,7 +116,8 @@ async def enforce() -> None:
     is_websocket = quart.has_websocket_context()
     endpoint = connection.endpoint
     view = quart.current_app.view_functions.get(endpoint) if endpoint else None
-    access = access_of(view)
+    # Whatever a route says of itself, /internal/* is for the remote-proxy's secret only.
+    access = Access.INTERNAL if connection.path.startswith("/internal/") else access_of(view)
     headers = connection.headers
     quart.g.principal = None
     if access is Access.INTERNAL:
@@ -127,8 +129,10 @@ async def enforce() -> None:
         if found is None:
             raise ApiError(401, "UNAUTHORIZED", "log in first (GET /api/auth/login)")
         quart.g.principal = found
-        origin = headers.get("Origin")
-        if origin is not None and origin.lower() not in services.config.allowed_origins:
+        origins = headers.getlist("Origin")
+        if len(origins) > 1 or (
+            origins and origins[0].lower() not in services.config.allowed_origins
+        ):
             raise ApiError(403, "CSRF_REJECTED", "this origin may not call the API")
         unsafe = not is_websocket and connection.method in UNSAFE_METHODS
         if unsafe and headers.get(CSRF_HEADER) != "1":
@@ -140,7 +144,7 @@ def _take_rate_limits(services: ApiServices, buckets: tuple[str, ...], address: 
     user: Principal | None = quart.g.principal
     for bucket in buckets:
         limit = services.rate_limit(bucket)
-        keys: list[tuple[str, str, str]] = [(bucket, "address", address or "")]
+        keys: list[tuple[str, str, str]] = [(bucket, "address", client_key(address))]
         if user is not None:
             keys.append((bucket, "user", user.user_id))
         wait = max(services.limiter.hit(key, limit) for key in keys)

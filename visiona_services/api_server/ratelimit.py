@@ -11,12 +11,25 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from ipaddress import IPv6Address, ip_address, ip_network
 
 from .config import RateLimit
 
-__all__ = ["RateLimiter"]
+__all__ = ["RateLimiter", "client_key"]
 
 MAX_KEYS = 100_000
+
+
+def client_key(address: str) -> str:
+    """What a client's limits are keyed by: its IPv4 address, or its IPv6 /64 (one host
+    has a whole /64 to pick addresses from)."""
+    try:
+        parsed = ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(parsed, IPv6Address) and parsed.ipv4_mapped is None:
+        return str(ip_network(f"{parsed}/64", strict=False))
+    return str(parsed.ipv4_mapped if isinstance(parsed, IPv6Address) else parsed)
 
 
 class RateLimiter:

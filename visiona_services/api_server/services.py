@@ -40,7 +40,10 @@ class ApiServices:
 
     def rate_limit(self, bucket: str) -> RateLimit:
         """The limit named ``bucket`` (a route's :func:`~.policy.rate_limited`)."""
-        limits = {"login": self.config.login_rate_limit}
+        limits = {
+            "login": self.config.login_rate_limit,
+            "backchannel": RateLimit.parse(self.config.rate_limit_backchannel),
+        }
         return limits[bucket]
 
     def install(self, app: quart.Quart) -> None:

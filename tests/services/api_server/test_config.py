@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from visiona_services.api_server.config import ApiConfig, ConfigError
+from visiona_services.api_server.ratelimit import client_key
 
 STRONG = "x7Gq2-strong-secret-value-0123456789abcdef"
 GOOD = {"VISIONA_SESSION_SECRET": STRONG, "VISIONA_INTERNAL_SECRET": STRONG + "2"}
@@ -64,6 +65,18 @@ def test_production_refuses_missing_or_known_secrets(variable: str, value: str) 
         ApiConfig.from_env(environ)
 
 
+def test_production_refuses_one_secret_for_both_uses() -> None:
+    with pytest.raises(ConfigError, match="must differ"):
+        ApiConfig.from_env({**GOOD, "VISIONA_INTERNAL_SECRET": STRONG})
+
+
+def test_trusted_proxies_must_be_addresses_or_networks() -> None:
+    config, _ = ApiConfig.from_env({**GOOD, "VISIONA_TRUSTED_PROXIES": "10.0.0.0/8, ::1"})
+    assert len(config.trusted_proxy_networks) == 2
+    with pytest.raises(ConfigError, match="VISIONA_TRUSTED_PROXIES"):
+        ApiConfig.from_env({**GOOD, "VISIONA_TRUSTED_PROXIES": "proxy.local"})
+
+
 def test_dev_generates_missing_secrets_keeps_them_private_and_reuses_them(tmp_path: Path) -> None:
     environ = {"VISIONA_ENV": "dev", "VISIONA_DATA_DIR": str(tmp_path)}
     config, generated = ApiConfig.from_env(environ)
@@ -71,6 +84,9 @@ def test_dev_generates_missing_secrets_keeps_them_private_and_reuses_them(tmp_pa
     assert config.session_secret == generated["VISIONA_SESSION_SECRET"]
     assert len(config.session_secret) >= 32
     kept = tmp_path / "dev-secrets.env"
+    assert stat.S_IMODE(os.stat(kept).st_mode) == 0o600
+    os.chmod(kept, 0o644)
+    ApiConfig.from_env({**environ, "VISIONA_INTERNAL_SECRET": ""})
     assert stat.S_IMODE(os.stat(kept).st_mode) == 0o600
     again, _ = ApiConfig.from_env(environ)
     assert again.session_secret == config.session_secret  # a restart keeps sessions
@@ -88,3 +104,16 @@ def test_serving_needs_an_issuer_and_a_client_id() -> None:
 def test_secrets_never_show_in_the_repr() -> None:
     config, _ = ApiConfig.from_env({**GOOD, "VISIONA_OIDC_CLIENT_SECRET": "client-secret-xyz"})
     assert STRONG not in repr(config) and "client-secret-xyz" not in repr(config)
+
+
+@pytest.mark.parametrize(
+    "address, key",
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:ffff::1", "2001:db8:1:2::/64"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),
+    ],
+)
+def test_rate_limits_key_ipv6_clients_by_their_64(address: str, key: str) -> None:
+    assert client_key(address) == key

@@ -6,8 +6,11 @@ from __future__ import annotations
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+from sqlalchemy import select
 from support.apiserver import Api
 from support.oidcprovider import login_at_provider
+
+from visiona_services.api_server.db import PendingLogin
 
 
 def _me(response: httpx.Response) -> dict[str, object]:
@@ -136,6 +139,26 @@ async def test_an_expired_pending_login_fails(api: Api) -> None:
         response = await browser.get(callback)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "LOGIN_EXPIRED"
+    left = await api.server.services.db.run(lambda db: db.scalars(select(PendingLogin)).all())
+    assert left == []  # removed, not left behind
+
+
+async def test_a_subject_longer_than_we_keep_is_refused_not_a_crash(api: Api) -> None:
+    async with api.browser() as browser:
+        response = await api.login(browser, "a" * 300)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "ID_TOKEN_INVALID"
+
+
+async def test_a_failed_login_does_not_say_where_the_provider_is(api: Api) -> None:
+    assert api.provider is not None
+    async with api.browser() as browser:
+        authorize = await api.start_login(browser)
+        callback = await login_at_provider(browser, authorize, "alice")
+        await api.provider.stop()
+        response = await browser.get(callback)
+    assert response.json()["error"]["code"] == "OIDC_PROVIDER_UNAVAILABLE"
+    assert str(api.provider.port) not in response.text
 
 
 async def test_a_denied_consent_fails_cleanly(api: Api) -> None:

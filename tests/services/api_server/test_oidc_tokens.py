@@ -120,6 +120,25 @@ async def test_a_bad_id_token_is_rejected(
         await _verify(client, _sign(jwks, _id_claims(provider, **changes)))
 
 
+async def test_display_claims_are_clipped_and_long_ids_refused(
+    client: OidcClient, provider: RunningProvider, jwks: dict[str, Any]
+) -> None:
+    identity = await _verify(client, _sign(jwks, _id_claims(provider, name="n" * 1000)))
+    assert identity.name == "n" * 255
+    for changes in ({"sub": "s" * 256}, {"sid": "s" * 256}):
+        with pytest.raises(TokenRejected):
+            await _verify(client, _sign(jwks, _id_claims(provider, **changes)))
+
+
+async def test_a_provider_announcing_only_algorithms_we_refuse_is_unusable(
+    client: OidcClient, provider: RunningProvider, jwks: dict[str, Any]
+) -> None:
+    metadata = await client.metadata()
+    client._metadata.value = {**metadata, "id_token_signing_alg_values_supported": ["HS256"]}
+    with pytest.raises(ProviderUnavailable):
+        await _verify(client, _sign(jwks, _id_claims(provider)))
+
+
 async def test_a_token_signed_by_another_key_is_rejected(
     client: OidcClient, provider: RunningProvider
 ) -> None:
@@ -168,7 +187,8 @@ def _logout_claims(provider: RunningProvider, **changes: Any) -> dict[str, Any]:
         "iss": provider.issuer,
         "aud": CLIENT_ID,
         "iat": int(time.time()),
-        "jti": "logout-1",
+        "exp": int(time.time()) + 120,
+        "jti": f"logout-{time.monotonic_ns()}",
         "sub": "alice",
         "sid": "provider-session-1",
         "events": {BACKCHANNEL_LOGOUT_EVENT: {}},
@@ -194,6 +214,10 @@ async def test_a_good_logout_token_names_the_session(
         pytest.param({"aud": "someone-else"}, id="wrong-aud"),
         pytest.param({"iss": "http://evil.test"}, id="wrong-iss"),
         pytest.param({"iat": None}, id="no-iat"),
+        pytest.param({"exp": None}, id="no-exp"),
+        pytest.param({"jti": None}, id="no-jti"),
+        pytest.param({"exp": int(time.time()) - 3600}, id="expired"),
+        pytest.param({"iat": int(time.time()) - 3600}, id="issued-long-ago"),
     ],
 )
 async def test_a_bad_logout_token_is_rejected(
@@ -201,6 +225,24 @@ async def test_a_bad_logout_token_is_rejected(
 ) -> None:
     with pytest.raises(TokenRejected):
         await client.verify_logout_token(_sign(jwks, _logout_claims(provider, **changes)))
+
+
+async def test_a_replayed_logout_token_is_rejected(
+    client: OidcClient, provider: RunningProvider, jwks: dict[str, Any]
+) -> None:
+    token = _sign(jwks, _logout_claims(provider))
+    await client.verify_logout_token(token)
+    with pytest.raises(TokenRejected):
+        await client.verify_logout_token(token)
+
+
+async def test_a_logout_token_of_another_type_is_rejected(
+    client: OidcClient, provider: RunningProvider, jwks: dict[str, Any]
+) -> None:
+    with pytest.raises(TokenRejected):
+        await client.verify_logout_token(_sign(jwks, _logout_claims(provider), typ="at+jwt"))
+    typed = _sign(jwks, _logout_claims(provider), typ="logout+jwt")
+    assert (await client.verify_logout_token(typed)).subject == "alice"
 
 
 async def test_an_unreachable_provider_is_reported_as_such() -> None:

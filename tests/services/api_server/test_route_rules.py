@@ -14,10 +14,12 @@ import quart
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from sqlalchemy import select
 from support.apiserver import CSRF, INTERNAL_SECRET, STEP_TIMEOUT, Api, running_api
 from support.tunnelhttp import browser_websocket, websocket_handshake
 
 from visiona_services.api_server import create_app
+from visiona_services.api_server.db import AuditEvent
 from visiona_services.api_server.policy import Access, access_of, internal, public
 
 from .conftest import start_stack
@@ -92,6 +94,15 @@ async def test_unsafe_methods_need_the_csrf_header(api: Api) -> None:
         assert refused.status_code == 403
         assert refused.json()["error"]["code"] == "CSRF_REJECTED"
         assert (await browser.get("/api/auth/me")).status_code == 200  # nothing happened
+
+
+async def test_two_origin_headers_are_refused(api: Api) -> None:
+    async with api.browser() as browser:
+        await api.login(browser, "alice")
+        headers = [("X-CSRF", "1"), ("Origin", api.url), ("Origin", "https://evil.test")]
+        response = await browser.post("/api/auth/logout", headers=headers)
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "CSRF_REJECTED"
 
 
 async def test_a_foreign_origin_is_refused_even_with_the_header(api: Api) -> None:
@@ -229,6 +240,10 @@ async def _serve_with_extra_routes(nursery: trio.Nursery, api: Api) -> str:
     async def ping() -> quart.Response:
         return quart.Response("pong")
 
+    @app.get("/internal/test/unmarked")
+    async def unmarked() -> quart.Response:
+        return quart.Response("forgot its marker")
+
     @app.websocket("/api/test/ws")
     async def echo() -> None:
         await quart.websocket.accept()
@@ -284,3 +299,51 @@ async def test_internal_routes_need_the_bearer_secret(nursery: trio.Nursery, api
     assert without.status_code == wrong.status_code == 401
     assert wrong.json()["error"]["code"] == "UNAUTHORIZED"
     assert right.status_code == 200
+
+
+async def test_an_internal_route_without_its_marker_still_needs_the_secret(
+    nursery: trio.Nursery, api: Api
+) -> None:
+    url = await _serve_with_extra_routes(nursery, api)
+    async with api.browser() as browser:
+        await api.login(browser, "alice")
+        cookie = {"visiona_session": str(browser.cookies["visiona_session"])}
+    async with httpx.AsyncClient(base_url=url, cookies=cookie) as client:
+        with_session = await client.get("/internal/test/unmarked")
+        with_secret = await client.get(
+            "/internal/test/unmarked", headers={"Authorization": f"Bearer {INTERNAL_SECRET}"}
+        )
+    assert with_session.status_code == 401
+    assert with_secret.status_code == 200
+
+
+# -- behind a reverse proxy -----------------------------------------------------------------
+
+
+async def test_a_trusted_proxy_names_the_client_for_limits_and_audit(
+    nursery: trio.Nursery, database_url: str
+) -> None:
+    stack = await start_stack(
+        nursery, database_url, trusted_proxies="127.0.0.1", rate_limit_login="1/60"
+    )
+    async with running_api(stack.config, stack.sockets, stack.url, stack.provider) as api:
+        async with api.browser() as browser:
+            first = await browser.get(
+                "/api/auth/login", headers={"X-Forwarded-For": "198.51.100.9, 203.0.113.7"}
+            )
+            other = await browser.get("/api/auth/login", headers={"X-Forwarded-For": "203.0.113.8"})
+            again = await browser.get("/api/auth/login", headers={"X-Forwarded-For": "203.0.113.7"})
+            failed = await browser.get(
+                "/api/auth/callback", headers={"X-Forwarded-For": "192.0.2.1"}
+            )
+        events = await api.server.services.db.run(lambda db: db.scalars(select(AuditEvent)).all())
+    assert (first.status_code, other.status_code, again.status_code) == (302, 302, 429)
+    assert failed.status_code == 400
+    assert [event.client_address for event in events] == ["192.0.2.1"]
+
+
+async def test_forwarded_for_from_an_untrusted_peer_is_ignored(api: Api) -> None:
+    async with api.browser() as browser:
+        await browser.get("/api/auth/callback", headers={"X-Forwarded-For": "192.0.2.1"})
+    events = await api.server.services.db.run(lambda db: db.scalars(select(AuditEvent)).all())
+    assert [event.client_address for event in events] == ["127.0.0.1"]

@@ -6,8 +6,11 @@ from __future__ import annotations
 import attrs
 import httpx
 import trio
+from sqlalchemy import select
 from support.apiserver import CSRF, STEP_TIMEOUT, Api, bind, running_api
 from support.oidcprovider import login_at_provider, logout_at_provider, new_signing_jwks
+
+from visiona_services.api_server.db import AuditEvent
 
 from .conftest import Stack
 
@@ -79,6 +82,14 @@ async def test_a_forged_logout_token_ends_nothing(api: Api) -> None:
             assert response.status_code == 400
             assert response.json()["error"]["code"] == "LOGOUT_TOKEN_INVALID"
         assert (await browser.get("/api/auth/me")).status_code == 200
+        events = (await browser.get("/api/audit")).json()["data"]["events"]
+    refused = await api.server.services.db.run(
+        lambda db: db.scalars(
+            select(AuditEvent).where(AuditEvent.action == "auth:backchannel_logout")
+        ).all()
+    )
+    assert [event.outcome for event in refused] == ["failure", "failure"]
+    assert [event["action"] for event in events] == ["auth:login"]
 
 
 async def test_a_rotated_provider_key_is_fetched_once_and_logins_go_on(api: Api) -> None:

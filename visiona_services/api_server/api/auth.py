@@ -27,9 +27,8 @@ from quart_trio import QuartTrio
 from ...common.http import ApiError, current_request_id, json_response, ok_envelope
 from .. import audit
 from ..auth.cookies import sign, unsign
-from ..auth.oidc import Identity, OidcError
+from ..auth.oidc import Identity, OidcError, TokenRejected
 from ..auth.sessions import (
-    LoginExpired,
     begin_login,
     complete_login,
     end_provider_sessions,
@@ -101,8 +100,9 @@ class LoginFailed(ApiError):
 
 async def _login_failed(services: ApiServices, error: ApiError | OidcError) -> LoginFailed:
     """Audit the failure; the error to raise."""
+    detail = str(error)  # for the log: may name hosts or the failed check
     if isinstance(error, OidcError):
-        status, code, message = error.status, error.code, str(error)
+        status, code, message = error.status, error.code, error.public_message
     else:
         status, code, message = error.status, error.code, error.message
     await services.db.run(
@@ -110,7 +110,7 @@ async def _login_failed(services: ApiServices, error: ApiError | OidcError) -> L
             db, actor(), "auth:login_failed", outcome=audit.FAILURE, detail={"reason": code}
         )
     )
-    logger.warning("login failed", extra={"reason": code, "detail": message})
+    logger.warning("login failed", extra={"reason": code, "detail": detail})
     return LoginFailed(status, code, message)
 
 
@@ -214,17 +214,27 @@ def register(app: QuartTrio) -> None:
 
     @app.post("/api/auth/backchannel-logout")
     @public
+    @rate_limited("backchannel")
     async def backchannel_logout() -> quart.Response:
         services = current_services()
         form = await quart.request.form
-        logout_token = form.get("logout_token")
-        if not logout_token:
-            raise ApiError(400, "LOGOUT_TOKEN_INVALID", "a logout_token form field is required")
         try:
+            logout_token = form.get("logout_token")
+            if not logout_token:
+                raise TokenRejected("no logout_token form field")
             request = await services.oidc.verify_logout_token(logout_token)
         except OidcError as exc:
-            logger.warning("back-channel logout refused", extra={"reason": str(exc)})
-            raise ApiError(400, "LOGOUT_TOKEN_INVALID", "the logout token is not valid") from exc
+            logger.warning("back-channel logout refused", extra={"detail": str(exc)})
+            await services.db.run(
+                lambda db: audit.record(
+                    db,
+                    actor(),
+                    "auth:backchannel_logout",
+                    outcome=audit.FAILURE,
+                    detail={"reason": "LOGOUT_TOKEN_INVALID"},
+                )
+            )
+            raise ApiError(400, "LOGOUT_TOKEN_INVALID", "the logout token is not valid") from None
         ended = await services.db.run(
             functools.partial(
                 end_provider_sessions,
@@ -249,15 +259,12 @@ async def _check_callback(services: ApiServices) -> tuple[str, Identity]:
     login_id = unsign(secret, LOGIN_PURPOSE, quart.request.cookies.get(LOGIN_COOKIE))
     if login_id is None:
         raise ApiError(400, "LOGIN_STATE_INVALID", "no login in progress in this browser")
-    try:
-        pending = await services.db.run(
-            functools.partial(take_pending_login, login_id=login_id, now=services.clock())
-        )
-    except LoginExpired:
-        raise ApiError(400, "LOGIN_EXPIRED", "the login took too long; start again") from None
+    pending = await services.db.run(functools.partial(take_pending_login, login_id=login_id))
     state = args.get("state", "")
     if pending is None or not hmac.compare_digest(state.encode(), pending.state.encode()):
         raise ApiError(400, "LOGIN_STATE_INVALID", "the login's state does not match")
+    if pending.expires_at < services.clock():
+        raise ApiError(400, "LOGIN_EXPIRED", "the login took too long; start again")
     await _check_issuer(services, args.get("iss"))
     if "error" in args:
         reason = args.get("error", "")[:64]

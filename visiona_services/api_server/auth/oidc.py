@@ -46,21 +46,35 @@ logger = logging.getLogger("visiona_services.api_server.oidc")
 #: Signature algorithms we accept, whatever a provider announces.
 ALLOWED_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384")
 BACKCHANNEL_LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
+#: ``typ`` values a logout token may have: the recommended one, and the plain JWT many
+#: providers still send (an ID token still fails: it has no logout event).
+LOGOUT_TOKEN_TYPES = ("logout+jwt", "application/logout+jwt", "jwt")
+#: A logout token issued longer ago than this is refused (it also needs its exp).
+MAX_LOGOUT_TOKEN_AGE = 600
+#: Logout token ids remembered (until they expire) to refuse replays.
+MAX_SEEN_LOGOUT_TOKENS = 10_000
 #: Seconds discovery metadata and the JWKS are kept.
 METADATA_TTL = 3600.0
 #: At most one forced JWKS refetch per this many seconds.
 JWKS_REFRESH_INTERVAL = 10.0
 #: Clock skew allowed on exp, iat and nbf.
 LEEWAY = 60
+#: Identifiers longer than the database keeps are refused; display values are clipped.
+MAX_ID_LENGTH = 255
+MAX_EMAIL_LENGTH = 320
+MAX_NAME_LENGTH = 255
 #: Provider answers larger than this are refused.
 MAX_RESPONSE_BYTES = 1 << 20
 
 
 class OidcError(Exception):
-    """A login or logout step failed; ``code`` and ``status`` are for the API answer."""
+    """A login or logout step failed. ``code``, ``status`` and ``public_message`` are for
+    the API answer; the exception's own text (which may name hosts or say which check
+    failed) is for the log only."""
 
     status = 401
     code = "LOGIN_FAILED"
+    public_message = "the login failed"
 
 
 class ProviderUnavailable(OidcError):
@@ -68,6 +82,7 @@ class ProviderUnavailable(OidcError):
 
     status = 502
     code = "OIDC_PROVIDER_UNAVAILABLE"
+    public_message = "the identity provider is unavailable; try again later"
 
 
 class TokenRejected(OidcError):
@@ -75,6 +90,7 @@ class TokenRejected(OidcError):
 
     status = 401
     code = "ID_TOKEN_INVALID"
+    public_message = "the identity provider's answer did not validate"
 
 
 @attrs.frozen
@@ -97,9 +113,33 @@ class LogoutRequest:
     sid: str | None
 
 
+def _clipped(value: str | None, length: int) -> str | None:
+    return None if value is None else value[:length]
+
+
 def _string(claims: Mapping[str, Any], name: str) -> str | None:
     value = claims.get(name)
     return value if isinstance(value, str) and value else None
+
+
+@attrs.define
+class _SeenIds:
+    """Token ids seen, each until its expiry: a second use is a replay. Bounded: when
+    full, the ids closest to their expiry are forgotten first."""
+
+    _expiries: dict[str, float] = attrs.field(factory=dict)
+
+    def take(self, token_id: str, expires: float, now: float) -> None:
+        """Raises TokenRejected: ``token_id`` was seen before and has not expired."""
+        if self._expiries.get(token_id, -1.0) >= now:
+            raise TokenRejected("the logout token was used before")
+        if len(self._expiries) >= MAX_SEEN_LOGOUT_TOKENS:
+            self._expiries = {i: e for i, e in self._expiries.items() if e >= now}
+            for stale in sorted(self._expiries, key=self._expiries.__getitem__)[
+                : max(0, len(self._expiries) - MAX_SEEN_LOGOUT_TOKENS + 1)
+            ]:
+                del self._expiries[stale]
+        self._expiries[token_id] = expires
 
 
 @attrs.define
@@ -122,7 +162,8 @@ class OidcClient:
         http: httpx.AsyncClient,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.issuer = issuer.rstrip("/")
+        #: Compared exactly, as written (some providers' issuers end in "/").
+        self.issuer = issuer
         self.client_id = client_id
         self._client_secret = client_secret or None
         self.scopes = scopes
@@ -132,6 +173,7 @@ class OidcClient:
         self._metadata = _Cached()
         self._jwks = _Cached()
         self._last_forced_jwks = -float("inf")
+        self._seen_logout_tokens = _SeenIds()
 
     # -- provider documents -----------------------------------------------------------------
 
@@ -147,8 +189,10 @@ class OidcClient:
         now = self._clock()
         if now - self._metadata.fetched_at < METADATA_TTL:
             return dict(self._metadata.value)
-        document = await self._get_json(f"{self.issuer}/.well-known/openid-configuration")
-        if document.get("issuer", "").rstrip("/") != self.issuer:
+        document = await self._get_json(
+            f"{self.issuer.rstrip('/')}/.well-known/openid-configuration"
+        )
+        if document.get("issuer") != self.issuer:
             raise ProviderUnavailable("the provider's discovery names another issuer")
         for endpoint in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
             if not isinstance(document.get(endpoint), str):
@@ -177,7 +221,10 @@ class OidcClient:
         announced = (await self.metadata()).get("id_token_signing_alg_values_supported")
         if not isinstance(announced, list):
             announced = ["RS256"]
-        return [alg for alg in ALLOWED_ALGORITHMS if alg in announced]
+        algorithms = [alg for alg in ALLOWED_ALGORITHMS if alg in announced]
+        if not algorithms:  # joserfc would fall back to its defaults, HS256 among them
+            raise ProviderUnavailable(f"the provider announces no algorithm we accept: {announced}")
+        return algorithms
 
     async def _decode(self, token: str) -> jwt.Token:
         """Verify ``token``'s signature (refetching the JWKS once for a new key id)."""
@@ -264,12 +311,15 @@ class OidcClient:
             claims.validate(now=int(self._clock()), leeway=LEEWAY)
         except (JoseError, ValueError, TypeError) as exc:
             raise TokenRejected(f"the ID token is not valid ({exc})") from exc
+        subject, sid = str(claims["sub"]), _string(claims, "sid")
+        if len(subject) > MAX_ID_LENGTH or (sid is not None and len(sid) > MAX_ID_LENGTH):
+            raise TokenRejected("sub or sid is longer than we keep")
         return Identity(
             issuer=self.issuer,
-            subject=str(claims["sub"]),
-            email=_string(claims, "email"),
-            name=_string(claims, "name"),
-            sid=_string(claims, "sid"),
+            subject=subject,
+            email=_clipped(_string(claims, "email"), MAX_EMAIL_LENGTH),
+            name=_clipped(_string(claims, "name"), MAX_NAME_LENGTH),
+            sid=sid,
         )
 
     # -- logout -----------------------------------------------------------------------------
@@ -281,12 +331,17 @@ class OidcClient:
             TokenRejected: any check failed.
         """
         token = await self._decode(logout_token)
+        if str(token.header.get("typ", "JWT")).lower() not in LOGOUT_TOKEN_TYPES:
+            raise TokenRejected("a logout token's typ is logout+jwt (or JWT)")
+        now = int(self._clock())
         registry = JWTClaimsRegistry(
-            now=int(self._clock()),
+            now=now,
             leeway=LEEWAY,
             iss={"essential": True, "value": self.issuer},
             aud={"essential": True, "value": self.client_id},
             iat={"essential": True},
+            exp={"essential": True},
+            jti={"essential": True},
             events={"essential": True},
         )
         try:
@@ -301,9 +356,12 @@ class OidcClient:
             raise TokenRejected("the logout token has no back-channel logout event")
         if "nonce" in claims:
             raise TokenRejected("a logout token must not carry a nonce")
+        if not isinstance(claims["iat"], int | float) or claims["iat"] < now - MAX_LOGOUT_TOKEN_AGE:
+            raise TokenRejected("the logout token is too old")
         request = LogoutRequest(subject=_string(claims, "sub"), sid=_string(claims, "sid"))
         if request.subject is None and request.sid is None:
             raise TokenRejected("the logout token names neither sub nor sid")
+        self._seen_logout_tokens.take(str(claims["jti"]), float(claims["exp"]) + LEEWAY, now)
         return request
 
     async def end_session_url(self, post_logout_redirect_uri: str) -> str | None:

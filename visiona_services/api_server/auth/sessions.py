@@ -16,7 +16,7 @@ from collections import Counter
 from datetime import datetime, timedelta
 
 import attrs
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -26,7 +26,6 @@ from .cookies import id_hash, new_id
 from .oidc import Identity, LogoutRequest
 
 __all__ = [
-    "LoginExpired",
     "Principal",
     "SessionPolicy",
     "begin_login",
@@ -62,10 +61,6 @@ class Principal:
     session_expires_at: datetime
 
 
-class LoginExpired(Exception):
-    """The pending login existed but is past its time."""
-
-
 def begin_login(
     db: Session, *, next_path: str, policy: SessionPolicy, now: datetime
 ) -> tuple[str, str, str, str]:
@@ -88,12 +83,9 @@ def begin_login(
     return login_id, state, nonce, verifier
 
 
-def take_pending_login(db: Session, login_id: str, now: datetime) -> PendingLogin | None:
-    """Remove and return the pending login (None if there is none: unknown or used).
-
-    Raises:
-        LoginExpired: it was there but too old (removed all the same).
-    """
+def take_pending_login(db: Session, login_id: str) -> PendingLogin | None:
+    """Remove and return the pending login (None if there is none: unknown or used); the
+    caller checks that it has not expired (an expired one is removed all the same)."""
     pending = db.get(PendingLogin, id_hash(login_id))
     if pending is None:
         return None
@@ -102,8 +94,6 @@ def take_pending_login(db: Session, login_id: str, now: datetime) -> PendingLogi
     ).rowcount  # type: ignore[attr-defined]
     if deleted != 1:  # a concurrent callback took it first
         return None
-    if pending.expires_at < now:
-        raise LoginExpired
     return pending
 
 
@@ -174,10 +164,17 @@ def load_session(
         return None
     session, user = row
     if session.expires_at <= now or session.last_seen_at + policy.idle_timeout <= now:
-        db.delete(session)
+        db.execute(delete(LoginSession).where(LoginSession.id_hash == session.id_hash))
         return None
     if now - session.last_seen_at >= policy.touch_interval:
-        session.last_seen_at = now
+        touched = db.execute(
+            update(LoginSession)
+            .where(LoginSession.id_hash == session.id_hash)
+            .values(last_seen_at=now)
+            .execution_options(synchronize_session=False)
+        ).rowcount  # type: ignore[attr-defined]
+        if touched != 1:  # ended meanwhile (logout, back-channel logout)
+            return None
     return Principal(
         user_id=user.id,
         issuer=user.issuer,
