@@ -1,14 +1,23 @@
 """A tiny local HTTP + WebSocket server for demos: what an edge device would serve.
 
 Routes: ``GET /`` (hello), ``GET /hello``, ``POST /echo`` (streams the body back),
-``GET /bytes/N`` (N bytes), ``WS /ws/echo``. A raw ASGI app, served by hypercorn.
+``GET /bytes/N`` (N bytes), ``WS /ws/echo``. A raw ASGI app, served by hypercorn;
+:func:`run_demo_device` serves it behind an agent.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, cast
+
+import attrs
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from visiona_tunnel import TunnelClient
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -73,3 +82,43 @@ async def _echo_websocket(receive: Receive, send: Send) -> None:
             await send({"type": "websocket.send", "text": message["text"]})
         else:
             await send({"type": "websocket.send", "bytes": message.get("bytes") or b""})
+
+
+@attrs.frozen
+class DemoDevice:
+    """A running demo device: its local server's port, and how to stop it."""
+
+    local_port: int
+    stop: Callable[[], None]
+
+
+async def run_demo_device(
+    relay_url: str,
+    token: str,
+    *,
+    task_status: trio.TaskStatus[DemoDevice] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve :func:`app` on a free port of 127.0.0.1 and run an agent that dials
+    ``relay_url`` with ``token`` for it, until ``stop()``."""
+    local = hypercorn.config.Config()
+    local.bind = ["127.0.0.1:0"]
+    local.accesslog = local.errorlog = None
+    stopping = trio.Event()
+    async with trio.open_nursery() as nursery:
+        urls = await nursery.start(
+            functools.partial(
+                hypercorn.trio.serve,
+                cast(Any, app),  # a plain ASGI callable
+                local,
+                shutdown_trigger=stopping.wait,
+            )
+        )
+        port = int(urls[0].rsplit(":", 1)[1])
+        agent = TunnelClient(relay_url, token, ("127.0.0.1", port))
+        nursery.start_soon(agent.run)
+
+        def stop() -> None:
+            agent.stop()
+            stopping.set()
+
+        task_status.started(DemoDevice(port, stop))

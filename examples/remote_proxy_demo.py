@@ -7,21 +7,16 @@ the defaults as for ``visiona-remote-proxy`` (docs/remote-proxy.md).
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
-from typing import Any, cast
 
-import hypercorn.config
-import hypercorn.trio
 import trio
 
 from visiona_services.common.logs import configure_logging
 from visiona_services.remote_proxy.config import ProxyConfig
 from visiona_services.remote_proxy.service import serve_remote_proxy
-from visiona_tunnel import TunnelClient
 
-from . import demo_local_server
+from .demo_local_server import run_demo_device
 
 DEMO_TOKEN = "demo-token"
 DEMO_DEVICE = "demo-device"
@@ -46,30 +41,15 @@ async def main() -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             proxy = await nursery.start(serve_remote_proxy, config)
-            local = hypercorn.config.Config()
-            local.bind = ["127.0.0.1:0"]
-            local.accesslog = None
-            local.errorlog = None
-            local_stop = trio.Event()
-            urls = await nursery.start(
-                functools.partial(
-                    hypercorn.trio.serve,
-                    cast(Any, demo_local_server.app),  # a plain ASGI callable
-                    local,
-                    shutdown_trigger=local_stop.wait,
-                )
-            )
-            local_port = int(urls[0].rsplit(":", 1)[1])
             relay_url = f"ws://127.0.0.1:{config.tunnel_port}/tunnel/connect"
-            agent = TunnelClient(relay_url, DEMO_TOKEN, ("127.0.0.1", local_port))
-            nursery.start_soon(agent.run)
+            device = await nursery.start(run_demo_device, relay_url, DEMO_TOKEN)
             await proxy.state.tunnels.wait_for(DEMO_DEVICE)
             internal = f"http://127.0.0.1:{config.internal_port}"
             auth = f'-H "Authorization: Bearer {config.internal_secret}"'
             print(
                 f"""
 visionA remote-proxy demo: tunnel {proxy.tunnel_urls[0]}, internal API {internal}
-a demo agent ({DEMO_DEVICE}) is connected and serves a local server on :{local_port}
+a demo agent ({DEMO_DEVICE}) is connected and serves a local server on :{device.local_port}
 
 try:
   curl {auth} {internal}/internal/sessions
@@ -83,9 +63,8 @@ Ctrl-C to stop.""",
                 flush=True,
             )
             async for _ in signals:
-                agent.stop()
+                device.stop()
                 proxy.stop()
-                local_stop.set()
                 break
 
 

@@ -20,10 +20,8 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import hypercorn.config
-import hypercorn.trio
 import trio
 
 from visiona_services.api_server import ApiConfig, serve_api_server
@@ -31,9 +29,8 @@ from visiona_services.common.envconfig import load
 from visiona_services.common.logs import configure_logging
 from visiona_services.remote_proxy.config import ProxyConfig
 from visiona_services.remote_proxy.service import serve_remote_proxy
-from visiona_tunnel import TunnelClient
 
-from . import demo_local_server
+from .demo_local_server import run_demo_device
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVIDP = ROOT / "devidp"
@@ -130,22 +127,8 @@ async def run_services(api: ApiConfig, proxy: ProxyConfig, issuer: str, signals:
     async with trio.open_nursery() as nursery:
         api_server = await nursery.start(serve_api_server, api)
         proxy_server = await nursery.start(serve_remote_proxy, proxy)
-        local = hypercorn.config.Config()
-        local.bind = ["127.0.0.1:0"]
-        local.accesslog = local.errorlog = None
-        local_stop = trio.Event()
-        urls = await nursery.start(
-            functools.partial(
-                hypercorn.trio.serve,
-                cast(Any, demo_local_server.app),  # a plain ASGI callable
-                local,
-                shutdown_trigger=local_stop.wait,
-            )
-        )
-        local_port = int(urls[0].rsplit(":", 1)[1])
         relay_url = f"ws://127.0.0.1:{proxy.tunnel_port}/tunnel/connect"
-        agent = TunnelClient(relay_url, DEMO_TOKEN, ("127.0.0.1", local_port))
-        nursery.start_soon(agent.run)
+        device = await nursery.start(run_demo_device, relay_url, DEMO_TOKEN)
         await proxy_server.state.tunnels.wait_for(DEMO_DEVICE)
         internal = f"http://127.0.0.1:{proxy.internal_port}"
         bearer = f'-H "Authorization: Bearer {api.internal_secret}"'
@@ -155,7 +138,7 @@ visionA, the whole system on 127.0.0.1:
   api-server         {api.public_url} ({api_server.services.db.dialect}, data in {api.data_dir})
   identity provider  {issuer} (dev: any user name logs in, any password)
   remote-proxy       tunnels {proxy_server.tunnel_urls[0]}, internal API {internal}
-  demo device        {DEMO_DEVICE}: its agent is connected, its local server on :{local_port}
+  demo device        {DEMO_DEVICE}: its agent is connected, its local server on :{device.local_port}
 
 open in a browser:
   {api.public_url}/api/auth/login?next=/api/auth/me   log in, then see who you are
@@ -170,10 +153,9 @@ Ctrl-C to stop.""",
             flush=True,
         )
         async for _ in signals:
-            agent.stop()
+            device.stop()
             api_server.stop()
             proxy_server.stop()
-            local_stop.set()
             break
 
 

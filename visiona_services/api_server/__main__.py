@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
 import trio
 
 from ..common.envconfig import ConfigError, describe_variables
+from ..common.lifecycle import serve_until_signal
 from ..common.logs import configure_logging
 from .config import ApiConfig
 from .db import Database
@@ -29,17 +29,6 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", help="apply migrations, then serve (the default)")
     commands.add_parser("migrate", help="apply database migrations, then exit")
     return parser
-
-
-async def run(config: ApiConfig) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(serve_api_server, config)
-            async for signum in signals:
-                logger.info("stopping", extra={"signal": signal.Signals(signum).name})
-                server.stop()
-                break
 
 
 def _fail(message: str, code: int) -> int:
@@ -72,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     failure: str | None = None
     try:
-        trio.run(run, config)
+        trio.run(serve_until_signal, serve_api_server, config, logger)
     except* CannotListen as group:  # a busy port: one line, not a traceback
         failure = str(group.exceptions[0])
     return _fail(failure, 1) if failure else 0

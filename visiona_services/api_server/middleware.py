@@ -30,6 +30,7 @@ from ..common.http import (
     Scope,
     Send,
     header_values,
+    log_access,
     request_id_context,
     send_error,
 )
@@ -81,19 +82,9 @@ class ApiMiddleware:
                 else:
                     await self.app(scope, receive, send_with_headers)
             finally:
-                method = scope.get("method", "WEBSOCKET")
-                access_logger.info(
-                    "%s %s %s",
-                    method,
-                    scope.get("path"),
-                    status[0] if status else None,
-                    extra={
-                        "method": method,
-                        "path": scope.get("path"),
-                        "status": status[0] if status else None,
-                        "client": (scope.get("client") or [None])[0],
-                        "duration_ms": round((trio.current_time() - start) * 1000, 1),
-                    },
+                client = (scope.get("client") or [None])[0]
+                log_access(
+                    access_logger, scope, status[0] if status else None, start, client=client
                 )
 
     def _forwarded_client(self, scope: Scope) -> tuple[str, int] | None:

@@ -28,6 +28,7 @@ from contextvars import ContextVar
 from typing import Any
 
 import quart
+import trio
 from werkzeug.datastructures import Headers as WerkzeugHeaders
 from werkzeug.exceptions import HTTPException
 
@@ -47,6 +48,7 @@ __all__ = [
     "install_json_error_handlers",
     "json_bytes",
     "json_response",
+    "log_access",
     "new_request_id",
     "ok_envelope",
     "reject_websocket",
@@ -114,6 +116,27 @@ def request_id_header() -> tuple[bytes, bytes]:
 def header_values(headers: Headers, name: bytes) -> list[bytes]:
     """Every value of header ``name`` (lower-case), in order; names compared in any case."""
     return [value for key, value in headers if key.lower() == name]
+
+
+def log_access(
+    access_logger: logging.Logger, scope: Scope, status: int | None, started: float, **extra: Any
+) -> None:
+    """One access line for a finished request: method, path (never the query: it may hold
+    codes or tokens), status, duration since ``started`` (``trio.current_time()``)."""
+    method = scope.get("method", "WEBSOCKET")
+    access_logger.info(
+        "%s %s %s",
+        method,
+        scope.get("path"),
+        status,
+        extra={
+            "method": method,
+            "path": scope.get("path"),
+            "status": status,
+            "duration_ms": round((trio.current_time() - started) * 1000, 1),
+            **extra,
+        },
+    )
 
 
 # -- bearer secrets -------------------------------------------------------------------------

@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 
 import trio
 
 from ..common.envconfig import ConfigError
+from ..common.lifecycle import serve_until_signal
 from ..common.logs import configure_logging
 from .config import ProxyConfig
 from .service import logger, serve_remote_proxy
-
-
-async def run(config: ProxyConfig) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            proxy = await nursery.start(serve_remote_proxy, config)
-            async for signum in signals:
-                logger.info("stopping", extra={"signal": signal.Signals(signum).name})
-                proxy.stop()
-                break
 
 
 def main() -> int:
@@ -37,7 +26,7 @@ def main() -> int:
     except ValueError as exc:
         print(f"visiona-remote-proxy: VISIONA_LOG_LEVEL: {exc}", file=sys.stderr)
         return 2
-    trio.run(run, config)
+    trio.run(serve_until_signal, serve_remote_proxy, config, logger)
     return 0
 
 

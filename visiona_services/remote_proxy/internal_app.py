@@ -55,6 +55,7 @@ from ..common.http import (
     bearer_matches,
     install_json_error_handlers,
     json_response,
+    log_access,
     ok_envelope,
     reject_websocket_error,
     request_id_context,
@@ -235,19 +236,7 @@ class InternalMiddleware:
                 if watch.body is not None:
                     await watch.body.drain(LINGER_IDLE)
             finally:
-                method = scope.get("method", "WEBSOCKET")
-                access_logger.info(
-                    "%s %s %s",
-                    method,
-                    scope.get("path"),
-                    watch.status,
-                    extra={
-                        "method": method,
-                        "path": scope.get("path"),
-                        "status": watch.status,
-                        "duration_ms": round((trio.current_time() - start) * 1000, 1),
-                    },
-                )
+                log_access(access_logger, scope, watch.status, start)
 
     async def _dispatch(self, scope: Scope, receive: Receive, watch: _ResponseWatch) -> None:
         send = watch.send
