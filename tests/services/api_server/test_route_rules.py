@@ -16,7 +16,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from sqlalchemy import select
 from support.apiserver import CSRF, INTERNAL_SECRET, STEP_TIMEOUT, Api, running_api
-from support.tunnelhttp import browser_websocket, websocket_handshake
+from support.tunnelhttp import browser_websocket, http_exchange, websocket_handshake
 
 from visiona_services.api_server import create_app
 from visiona_services.api_server.db import AuditEvent
@@ -136,15 +136,22 @@ async def test_a_request_id_is_made_when_none_or_a_bad_one_is_sent(api: Api) -> 
     assert re.fullmatch(r"[0-9a-f]{32}", bad.headers["x-request-id"])
 
 
-async def test_an_oversized_body_is_413_in_the_envelope(api: Api) -> None:
-    async with api.browser() as browser:
-        response = await browser.post(
-            "/api/auth/backchannel-logout",
-            content=b"logout_token=" + b"x" * (2 << 20),
-            headers={"content-type": "application/x-www-form-urlencoded"},
-        )
-    assert response.status_code == 413
-    assert response.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+async def test_an_oversized_body_is_413_in_the_envelope_before_it_is_read(api: Api) -> None:
+    port = int(api.url.rsplit(":", 1)[1])
+    declared = [
+        ("connection", "close"),
+        ("content-type", "application/x-www-form-urlencoded"),
+        ("content-length", str(2 << 20)),
+    ]
+    with trio.fail_after(STEP_TIMEOUT):
+        async with http_exchange(port) as exchange:
+            # the head declares 2 MiB; not a byte of it is sent
+            await exchange.send_request(
+                "POST", "/api/auth/backchannel-logout", headers=declared, end=False
+            )
+            response = await exchange.receive_whole_response()
+    assert response.status == 413
+    assert json.loads(response.body)["error"]["code"] == "PAYLOAD_TOO_LARGE"
 
 
 async def test_health_is_public_and_cheap(api: Api) -> None:
