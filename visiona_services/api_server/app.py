@@ -20,7 +20,10 @@ from ..common.http import (
 )
 from .api import audit as audit_api
 from .api import auth as auth_api
+from .api import devices as devices_api
+from .api import pairing as pairing_api
 from .api import system as system_api
+from .errors import DomainError
 from .middleware import ApiMiddleware
 from .policy import enforce
 from .services import ApiServices
@@ -52,9 +55,13 @@ def create_app(services: ApiServices) -> QuartTrio:
             )
         return response
 
+    @app.errorhandler(DomainError)
+    async def domain_error(error: DomainError) -> quart.Response:
+        return json_response(error.status, error_envelope(error.code, error.message))
+
     app.before_request(enforce)
     app.before_websocket(enforce)
-    for routes in (auth_api, system_api, audit_api):
+    for routes in (auth_api, system_api, audit_api, pairing_api, devices_api):
         routes.register(app)
     quart_app = cast(AsgiApp, app.asgi_app)  # hypercorn's TypedDicts are narrower
     app.asgi_app = ApiMiddleware(quart_app, services.config)  # type: ignore[method-assign,assignment]

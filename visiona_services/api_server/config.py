@@ -125,6 +125,22 @@ def parse_networks(value: str) -> tuple[IPv4Network | IPv6Network, ...]:
     return tuple(ip_network(item, strict=False) for item in _split(value))
 
 
+def _ws_url(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(
+            f"{_variable(attribute)}: expected ws(s)://host[:port]/path, got {value!r}"
+        )
+
+
+def _prefixes(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    for prefix in _split(value):
+        if not prefix.startswith("/") or prefix in ("/", "/api/", "/api") or ".." in prefix:
+            raise ValueError(f"{_variable(attribute)}: not a forwardable prefix: {prefix!r}")
+        if prefix.startswith(("/api/auth", "/api/pairing", "/internal", "/healthz")):
+            raise ValueError(f"{_variable(attribute)}: {prefix!r} is the api-server's own")
+
+
 def _scopes(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     if "openid" not in value.split():
         raise ValueError(f"{_variable(attribute)}: must include 'openid', got {value!r}")
@@ -213,6 +229,27 @@ class ApiConfig:
         converter=_without_trailing_slash,
         metadata=env("VISIONA_PROXY_INTERNAL_URL", "the remote-proxy's internal API"),
     )
+    tunnel_public_url: str = attrs.field(
+        default="ws://127.0.0.1:3800/tunnel/connect",
+        validator=_ws_url,
+        metadata=env(
+            "VISIONA_TUNNEL_PUBLIC_URL",
+            "the address agents dial (handed out by the pairing exchange)",
+        ),
+    )
+    pairing_token_ttl: float = attrs.field(
+        default=600.0,
+        validator=_positive,
+        metadata=env("VISIONA_PAIRING_TOKEN_TTL", "seconds a pairing token stays usable"),
+    )
+    forward_prefixes: str = attrs.field(
+        default="/api/cameras/,/api/inference/,/api/devices/scan,/ws/",
+        validator=_prefixes,
+        metadata=env(
+            "VISIONA_FORWARD_PREFIXES",
+            "comma-separated path prefixes forwarded to a device's local server",
+        ),
+    )
     oidc_issuer: str = attrs.field(
         default="",
         metadata=env("VISIONA_OIDC_ISSUER", "the OpenID provider's issuer URL (required)"),
@@ -284,6 +321,14 @@ class ApiConfig:
             "N/SECONDS per client address for login and callback",
         ),
     )
+    rate_limit_pairing: str = attrs.field(
+        default="10/60",
+        validator=_rate_limit,
+        metadata=env(
+            "VISIONA_RATE_LIMIT_PAIRING",
+            "N/SECONDS per client address for the pairing exchange",
+        ),
+    )
     rate_limit_backchannel: str = attrs.field(
         default="60/60",
         validator=_rate_limit,
@@ -325,6 +370,10 @@ class ApiConfig:
     @property
     def cors_origins(self) -> frozenset[str]:
         return frozenset(origin_of(item) for item in _split(self.cors_allowed_origins))
+
+    @property
+    def forwarded_prefixes(self) -> tuple[str, ...]:
+        return tuple(_split(self.forward_prefixes))
 
     @property
     def trusted_proxy_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:

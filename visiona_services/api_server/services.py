@@ -18,7 +18,9 @@ from .auth.oidc import OidcClient
 from .auth.sessions import SessionPolicy
 from .config import ApiConfig, RateLimit
 from .db import Database
+from .presence import Presence
 from .ratelimit import RateLimiter
+from .realtime import Broker
 
 __all__ = ["ApiServices", "current_services", "open_services"]
 
@@ -35,6 +37,8 @@ class ApiServices:
     http: httpx.AsyncClient
     limiter: RateLimiter
     session_policy: SessionPolicy
+    presence: Presence = attrs.field(factory=Presence)
+    broker: Broker = attrs.field(factory=Broker)
     #: Now, for session and login lifetimes (tests move it).
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
@@ -43,6 +47,7 @@ class ApiServices:
         limits = {
             "login": self.config.login_rate_limit,
             "backchannel": RateLimit.parse(self.config.rate_limit_backchannel),
+            "pairing": RateLimit.parse(self.config.rate_limit_pairing),
         }
         return limits[bucket]
 

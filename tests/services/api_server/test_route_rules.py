@@ -30,6 +30,7 @@ PUBLIC_ROUTES = {
     "/api/auth/login",
     "/api/auth/callback",
     "/api/auth/backchannel-logout",
+    "/api/pairing/exchange",
 }
 
 

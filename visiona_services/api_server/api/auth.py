@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import quart
 from quart_trio import QuartTrio
 
-from ...common.http import ApiError, current_request_id, json_response, ok_envelope
+from ...common.http import ApiError, json_response, ok_envelope
 from .. import audit
 from ..auth.cookies import sign, unsign
 from ..auth.oidc import Identity, OidcError, TokenRejected
@@ -37,8 +37,9 @@ from ..auth.sessions import (
 )
 from ..policy import SESSION_COOKIE, SESSION_PURPOSE, principal, public, rate_limited
 from ..services import ApiServices, current_services
+from .context import actor
 
-__all__ = ["LOGIN_COOKIE", "LoginFailed", "actor", "error_page", "register", "safe_next_path"]
+__all__ = ["LOGIN_COOKIE", "LoginFailed", "error_page", "register", "safe_next_path"]
 
 logger = logging.getLogger("visiona_services.api_server.auth")
 
@@ -60,11 +61,6 @@ def safe_next_path(value: str | None) -> str:
     if parts.scheme or parts.netloc:
         return "/"
     return value
-
-
-def actor(user_id: str | None = None) -> audit.Actor:
-    """The audit actor of the current request."""
-    return audit.Actor(user_id, current_request_id.get(), quart.request.remote_addr)
 
 
 def _redirect(location: str) -> quart.Response:

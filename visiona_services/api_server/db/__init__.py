@@ -1,13 +1,29 @@
 """The api-server's database: models, engine and migrations."""
 
 from .engine import Database, alembic_config, make_engine
-from .models import AuditEvent, Base, LoginSession, PendingLogin, User
+from .models import (
+    AuditEvent,
+    Base,
+    Cluster,
+    ClusterMember,
+    Device,
+    DeviceToken,
+    LoginSession,
+    PairingToken,
+    PendingLogin,
+    User,
+)
 
 __all__ = [
     "AuditEvent",
     "Base",
+    "Cluster",
+    "ClusterMember",
     "Database",
+    "Device",
+    "DeviceToken",
     "LoginSession",
+    "PairingToken",
     "PendingLogin",
     "User",
     "alembic_config",
