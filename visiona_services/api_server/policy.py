@@ -21,9 +21,12 @@ import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import attrs
 import quart
+from werkzeug.datastructures import Headers
+from werkzeug.http import parse_cookie
 
-from ..common.http import ApiError, bearer_matches
+from ..common.http import ApiError, Scope, bearer_matches
 from .auth.cookies import unsign
 from .auth.sessions import Principal, load_session
 from .ratelimit import client_key
@@ -33,7 +36,9 @@ __all__ = [
     "SESSION_COOKIE",
     "UNSAFE_METHODS",
     "Access",
+    "RequestFacts",
     "access_of",
+    "authorize",
     "enforce",
     "internal",
     "principal",
@@ -109,39 +114,84 @@ async def session_principal(services: ApiServices, cookie: str | None) -> Princi
     )
 
 
+@attrs.frozen
+class RequestFacts:
+    """What the rules look at, the same for a Quart request and a raw ASGI scope."""
+
+    method: str
+    path: str
+    headers: Headers
+    address: str
+    websocket: bool
+
+    @classmethod
+    def of_quart(cls) -> RequestFacts:
+        websocket = quart.has_websocket_context()
+        connection = quart.websocket if websocket else quart.request
+        method = "GET" if websocket else connection.method
+        return cls(
+            method, connection.path, connection.headers, connection.remote_addr or "", websocket
+        )
+
+    @classmethod
+    def of_scope(cls, scope: Scope) -> RequestFacts:
+        headers = Headers(
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers", [])]
+        )
+        client = scope.get("client") or ("", 0)
+        websocket = scope["type"] == "websocket"
+        method = "GET" if websocket else str(scope.get("method", "GET"))
+        return cls(method, str(scope.get("path", "")), headers, str(client[0]), websocket)
+
+
 async def enforce() -> None:
     """The before-request / before-websocket hook (see the module docstring)."""
-    services = current_services()
-    connection = quart.websocket if quart.has_websocket_context() else quart.request
-    is_websocket = quart.has_websocket_context()
-    endpoint = connection.endpoint
+    facts = RequestFacts.of_quart()
+    endpoint = (quart.websocket if facts.websocket else quart.request).endpoint
     view = quart.current_app.view_functions.get(endpoint) if endpoint else None
+    quart.g.principal = None  # for the handler, and for the error path
+    quart.g.principal = await authorize(
+        current_services(), facts, access_of(view), rate_limits_of(view)
+    )
+
+
+async def authorize(
+    services: ApiServices, facts: RequestFacts, access: Access, buckets: tuple[str, ...] = ()
+) -> Principal | None:
+    """Apply the rules to one request; the principal on session routes, else None.
+
+    Raises:
+        ApiError: 401, 403 or 429 (see the module docstring).
+    """
     # Whatever a route says of itself, /internal/* is for the remote-proxy's secret only.
-    access = Access.INTERNAL if connection.path.startswith("/internal/") else access_of(view)
-    headers = connection.headers
-    quart.g.principal = None
+    if facts.path.startswith("/internal/"):
+        access = Access.INTERNAL
+    headers = facts.headers
+    found: Principal | None = None
     if access is Access.INTERNAL:
         raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         if not bearer_matches(raw, services.config.internal_secret):
             raise ApiError(401, "UNAUTHORIZED", "Authorization: Bearer <internal secret> required")
     elif access is Access.SESSION:
-        found = await session_principal(services, connection.cookies.get(SESSION_COOKIE))
+        cookie = parse_cookie(headers.get("Cookie", "")).get(SESSION_COOKIE)
+        found = await session_principal(services, cookie)
         if found is None:
             raise ApiError(401, "UNAUTHORIZED", "log in first (GET /api/auth/login)")
-        quart.g.principal = found
         origins = headers.getlist("Origin")
         if len(origins) > 1 or (
             origins and origins[0].lower() not in services.config.allowed_origins
         ):
             raise ApiError(403, "CSRF_REJECTED", "this origin may not call the API")
-        unsafe = not is_websocket and connection.method in UNSAFE_METHODS
+        unsafe = not facts.websocket and facts.method in UNSAFE_METHODS
         if unsafe and headers.get(CSRF_HEADER) != "1":
             raise ApiError(403, "CSRF_REJECTED", f"{CSRF_HEADER}: 1 is required")
-    _take_rate_limits(services, rate_limits_of(view), connection.remote_addr or "")
+    _take_rate_limits(services, buckets, facts.address, found)
+    return found
 
 
-def _take_rate_limits(services: ApiServices, buckets: tuple[str, ...], address: str) -> None:
-    user: Principal | None = quart.g.principal
+def _take_rate_limits(
+    services: ApiServices, buckets: tuple[str, ...], address: str, user: Principal | None
+) -> None:
     for bucket in buckets:
         limit = services.rate_limit(bucket)
         keys: list[tuple[str, str, str]] = [(bucket, "address", client_key(address))]
