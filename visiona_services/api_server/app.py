@@ -21,6 +21,7 @@ from ..common.http import (
 from .api import audit as audit_api
 from .api import auth as auth_api
 from .api import devices as devices_api
+from .api import events as events_api
 from .api import pairing as pairing_api
 from .api import system as system_api
 from .errors import DomainError
@@ -61,7 +62,7 @@ def create_app(services: ApiServices) -> QuartTrio:
 
     app.before_request(enforce)
     app.before_websocket(enforce)
-    for routes in (auth_api, system_api, audit_api, pairing_api, devices_api):
+    for routes in (auth_api, system_api, audit_api, pairing_api, devices_api, events_api):
         routes.register(app)
     quart_app = cast(AsgiApp, app.asgi_app)  # hypercorn's TypedDicts are narrower
     app.asgi_app = ApiMiddleware(quart_app, services.config)  # type: ignore[method-assign,assignment]

@@ -21,6 +21,7 @@ from hypercorn.utils import wrap_app
 from .app import create_app
 from .config import ApiConfig
 from .services import ApiServices, open_services
+from .tunnel_events import follow_tunnel_events
 
 __all__ = ["CannotListen", "RunningApiServer", "hypercorn_config", "serve_api_server"]
 
@@ -85,15 +86,18 @@ async def serve_api_server(
     """
     hyper, bound = listen(config) if sockets is None else (hypercorn_config(config), sockets)
     stopping = trio.Event()
-    async with open_services(config) as services, trio.open_nursery() as nursery:
-        urls = await nursery.start(
-            lambda task_status: worker_serve(
-                wrap_app(create_app(services), hyper.wsgi_max_body_size, None),
-                hyper,
-                sockets=bound,
-                shutdown_trigger=stopping.wait,
-                task_status=task_status,
+    async with open_services(config) as services, trio.open_nursery() as background:
+        background.start_soon(follow_tunnel_events, services)
+        async with trio.open_nursery() as server:
+            urls = await server.start(
+                lambda task_status: worker_serve(
+                    wrap_app(create_app(services), hyper.wsgi_max_body_size, None),
+                    hyper,
+                    sockets=bound,
+                    shutdown_trigger=stopping.wait,
+                    task_status=task_status,
+                )
             )
-        )
-        logger.info("listening", extra={"urls": urls, "public_url": config.public_url})
-        task_status.started(RunningApiServer(services, urls, stopping.set))
+            logger.info("listening", extra={"urls": urls, "public_url": config.public_url})
+            task_status.started(RunningApiServer(services, urls, stopping.set))
+        background.cancel_scope.cancel()

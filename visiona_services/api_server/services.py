@@ -39,6 +39,8 @@ class ApiServices:
     session_policy: SessionPolicy
     presence: Presence = attrs.field(factory=Presence)
     broker: Broker = attrs.field(factory=Broker)
+    #: Seconds between checks that a realtime feed's session is still alive.
+    feed_session_recheck: float = 30.0
     #: Now, for session and login lifetimes (tests move it).
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
