@@ -7,71 +7,25 @@ token in ``VISIONA_AGENT_TOKEN``. Waits are on its log lines, each bounded.
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from support.agentprocess import (
+    LINE_TIMEOUT,
+    START_TIMEOUT,
+    AgentProcess,
+    agent_process,
+    is_state,
+)
 from support.pyrelay import PyRelay, start_py_relay
-from support.streams import pump_lines
 from support.tunnelhttp import LocalServer
 
 from visiona_tunnel.relay import TunnelDown, TunnelEvent
 
 TOKEN = "token-1"
 DEVICE = "device-1"
-#: Upper bound for one wait for a log line, and for the exit after a signal.
-LINE_TIMEOUT = 10.0
-EXIT_TIMEOUT = 5.0
-
-LogLine = dict[str, Any]
-
-
-class AgentProcess:
-    """A running ``visiona-agent``: its stderr as parsed JSON lines."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        #: Every line so far, parsed; ``{"unparsed": text}`` for one that is not JSON.
-        self.lines: list[LogLine] = []
-        self._in, self._out = trio.open_memory_channel[LogLine](math.inf)
-
-    async def pump(self) -> None:
-        assert self.process.stderr is not None
-        async with self._in:
-            await pump_lines(self.process.stderr, self._take)
-
-    def _take(self, raw: bytes) -> None:
-        try:
-            line = json.loads(raw)
-        except ValueError:
-            line = {"unparsed": raw.decode(errors="replace")}
-        self.lines.append(line)
-        self._in.send_nowait(line)
-
-    async def wait_for(
-        self, predicate: Callable[[LogLine], bool], timeout: float = LINE_TIMEOUT
-    ) -> LogLine:
-        """Skip lines until one matches; AssertionError if stderr ends first."""
-        with trio.fail_after(timeout):
-            async for line in self._out:
-                if predicate(line):
-                    return line
-        raise AssertionError(f"the agent exited ({self.process.returncode}): {self.lines}")
-
-    async def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
-        with trio.fail_after(timeout):
-            return await self.process.wait()
-
-
-def is_state(state: str) -> Callable[[LogLine], bool]:
-    return lambda line: line.get("msg") == "state" and line.get("state") == state
 
 
 @pytest.fixture
@@ -84,33 +38,12 @@ async def agent(
     nursery: trio.Nursery, relay: PyRelay, local: LocalServer
 ) -> AsyncIterator[AgentProcess]:
     """The agent process, online (its session is up at the relay)."""
-    command = [
-        sys.executable,
-        "-m",
-        "visiona_tunnel.agent",
-        "--relay-url",
-        relay.url,
-        "--local",
-        local.address,
-        "--log-level",
-        "info",
-    ]
-    env = {**os.environ, "VISIONA_AGENT_TOKEN": TOKEN}
-    process = await trio.lowlevel.open_process(
-        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
-    )
-    agent = AgentProcess(process)
-    try:
-        nursery.start_soon(agent.pump)
-        await agent.wait_for(is_state("online"), timeout=20.0)  # includes the interpreter start
+    args = ["--relay-url", relay.url, "--local", local.address, "--log-level", "info"]
+    async with agent_process(nursery, args, {"VISIONA_AGENT_TOKEN": TOKEN}) as agent:
+        await agent.wait_for(is_state("online"), timeout=START_TIMEOUT)
         with trio.fail_after(LINE_TIMEOUT):
             await relay.registry.wait_for(DEVICE)
         yield agent
-    finally:
-        if process.returncode is None:
-            process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
 
 
 async def test_agent_logs_state_changes_as_json_lines(agent: AgentProcess) -> None:

@@ -4,7 +4,9 @@ Layers, bottom up: :mod:`visiona_tunnel.yamux` (the multiplexer), :mod:`~visiona
 (a WebSocket as a byte stream), :mod:`~visiona_tunnel.forward` and
 :mod:`~visiona_tunnel.httpstream` (one HTTP exchange per stream, agent and relay side),
 :mod:`~visiona_tunnel.client` (the reconnecting agent) and :mod:`~visiona_tunnel.relay`
-(live tunnels by device).
+(live tunnels by device). Beside them, :mod:`~visiona_tunnel.pairing` (trade a pairing token
+for a device token at the api-server) and :mod:`~visiona_tunnel.credentials` (where the agent
+keeps it).
 """
 
 from .backoff import backoff
@@ -15,9 +17,26 @@ from .client import (
     Replaced,
     TokenRefused,
     TunnelClient,
+    check_relay_url,
+)
+from .credentials import (
+    CredentialsError,
+    DeviceCredentials,
+    default_credentials_path,
+    load_credentials,
+    store_credentials,
 )
 from .forward import serve_tunnel_stream
 from .httpstream import ForwardError, HttpResponse, forward_http
+from .pairing import (
+    PairingError,
+    PairingFailed,
+    PairingRefused,
+    PairingResult,
+    PairingUnavailable,
+    exchange_pairing_token,
+    pair_device,
+)
 from .relay import Tunnel, TunnelDown, TunnelRegistry, TunnelStats, TunnelUp, serve_tunnel_listener
 from .wsconn import (
     CLOSE_REPLACED,
@@ -34,8 +53,15 @@ __all__ = [
     "ClientConfig",
     "ClientHooks",
     "ClientState",
+    "CredentialsError",
+    "DeviceCredentials",
     "ForwardError",
     "HttpResponse",
+    "PairingError",
+    "PairingFailed",
+    "PairingRefused",
+    "PairingResult",
+    "PairingUnavailable",
     "Replaced",
     "TokenRefused",
     "Tunnel",
@@ -49,8 +75,14 @@ __all__ = [
     "WebSocketStream",
     "__version__",
     "backoff",
+    "check_relay_url",
     "connect_websocket_stream",
+    "default_credentials_path",
+    "exchange_pairing_token",
     "forward_http",
+    "load_credentials",
+    "pair_device",
     "serve_tunnel_listener",
     "serve_tunnel_stream",
+    "store_credentials",
 ]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Self
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import attrs
 import trio
@@ -102,11 +102,26 @@ def parse_local_addr(value: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def check_relay_url(url: str) -> None:
+    """Raise ValueError unless ``url`` is ``ws://`` or ``wss://`` with a host. The message
+    does not repeat the URL (it may hold a token)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port that is not one
+    except ValueError:
+        raise ValueError("the relay URL is not a valid URL") from None
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError("the relay URL must start with ws:// or wss://")
+    if not parts.hostname:
+        raise ValueError("the relay URL has no host")
+
+
 class TunnelClient:
     """Keep a tunnel to ``relay_url`` up and serve it from ``local_addr``.
 
     Use ``async with TunnelClient(...) as client:`` (runs in the background until the block
     ends) or ``await client.run()`` (runs until :meth:`stop`). ``stop`` is idempotent.
+    A ``relay_url`` that is not ``ws://`` or ``wss://`` is a ValueError here, not at the dial.
     """
 
     def __init__(
@@ -118,6 +133,7 @@ class TunnelClient:
         hooks: ClientHooks | None = None,
         config: ClientConfig | None = None,
     ) -> None:
+        check_relay_url(relay_url)
         self.relay_url = relay_url
         self.token = token
         self.local_addr = (
@@ -290,4 +306,5 @@ __all__ = [
     "Replaced",
     "TokenRefused",
     "TunnelClient",
+    "check_relay_url",
 ]
