@@ -166,7 +166,10 @@ TunnelEvent = TunnelUp | TunnelDown
 
 class TunnelRegistry:
     """Live tunnels by key. Observers (``add_observer``) get :class:`TunnelUp` and
-    :class:`TunnelDown` events, synchronously, from the tunnel's task."""
+    :class:`TunnelDown` events, synchronously, from the tunnel's task: an observer must
+    not block or raise. A :class:`TunnelUp` comes once the tunnel is in the registry; its
+    :class:`TunnelDown` once it has left it and its connection is closed, so a newer
+    tunnel's :class:`TunnelUp` may come before an older one's :class:`TunnelDown`."""
 
     def __init__(self, *, config: yamux.Config = TUNNEL_YAMUX_CONFIG) -> None:
         self.config = config
@@ -183,8 +186,21 @@ class TunnelRegistry:
     def __len__(self) -> int:
         return len(self._tunnels)
 
+    @property
+    def observers(self) -> tuple[Callable[[TunnelEvent], None], ...]:
+        """The observers now, in the order they get events."""
+        return tuple(self._observers)
+
     def add_observer(self, observer: Callable[[TunnelEvent], None]) -> None:
         self._observers.append(observer)
+
+    def remove_observer(self, observer: Callable[[TunnelEvent], None]) -> None:
+        """Stop sending events to ``observer`` (one added with :meth:`add_observer`; if
+        it was not, or was removed already, nothing happens). An observer may remove
+        itself, or another, while it handles an event: the event still reaches every
+        observer that was there when it happened."""
+        with contextlib.suppress(ValueError):
+            self._observers.remove(observer)
 
     async def wait_for(self, key: str) -> Tunnel:
         """Wait until a tunnel for ``key`` is up."""
@@ -233,7 +249,7 @@ class TunnelRegistry:
     def _notify(self, event: TunnelEvent) -> None:
         self._changed.set()
         self._changed = trio.Event()
-        for observer in self._observers:
+        for observer in tuple(self._observers):  # observers may remove themselves
             observer(event)
 
 

@@ -132,6 +132,10 @@ class ProxyConfig:
     shutdown_grace: float = attrs.field(
         default=20.0, validator=_positive, metadata=env("VISIONA_PROXY_SHUTDOWN_GRACE")
     )
+    #: Seconds between the heartbeat lines of ``GET /internal/events``.
+    events_heartbeat: float = attrs.field(
+        default=5.0, validator=_positive, metadata=env("VISIONA_PROXY_EVENTS_HEARTBEAT")
+    )
 
     @property
     def tokens(self) -> dict[str, str]:

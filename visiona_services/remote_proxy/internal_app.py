@@ -12,12 +12,23 @@ route                                              answer
 ``ANY /internal/forward/{device_id}/{path}``       an HTTP request to the device's local server
                                                    (raw ASGI, :mod:`.http_forward`)
 ``WS /internal/forward-ws/{device_id}/{path}``     a WebSocket to it (raw ASGI, :mod:`.ws_forward`)
+``GET /internal/events``                           the tunnels coming and going: a stream of
+                                                   JSON lines (raw ASGI, :mod:`.events`)
 ``GET /internal/health``                           ``{"tunnels": n, "draining": bool}``
 ``GET /metrics``                                   Prometheus text
 =================================================  =============================================
 
 A session is ``{"device_id", "connected": true, "since" (ISO 8601 UTC), "remote_address",
 "open_streams", "rtt_ms" (last keepalive round trip, or null), "bytes_in", "bytes_out"}``.
+
+``GET /internal/events`` answers ``application/x-ndjson``, one JSON object per line, as
+things happen: first ``{"type": "snapshot", "at", "sessions": [session, ...]}`` (every live
+tunnel), then ``{"type": "tunnel.up", "device_id", "at", "session"}`` and ``{"type":
+"tunnel.down", "device_id", "at", "reason"}``, a ``{"type": "heartbeat", "at"}`` every
+``VISIONA_PROXY_EVENTS_HEARTBEAT`` seconds, and a last ``{"type": "shutdown", "at"}`` when the
+proxy shuts down (or ``{"type": "overflow", "at"}`` for a subscriber that fell more than
+``ProxyState.events_buffer`` lines behind). A replaced tunnel gives ``tunnel.down`` (reason
+``"replaced"``) then the newer one's ``tunnel.up``. ``at`` is ISO 8601 UTC with milliseconds.
 
 One middleware, :class:`InternalMiddleware`, sees every ``http`` and ``websocket`` scope
 before anything else does. It picks the request id (``X-Request-ID``, see
@@ -33,7 +44,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
 from typing import cast
 from urllib.parse import unquote_to_bytes
 
@@ -63,13 +73,16 @@ from ..common.http import (
 )
 from ..common.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .config import ProxyConfig
+from .events import stream_events
 from .http_forward import forward_http_request
+from .sessions import session_json
 from .state import ProxyState
 from .ws_forward import MAX_MESSAGE_SIZE, forward_websocket
 
 __all__ = [
     "RAW_ROUTES",
     "InternalMiddleware",
+    "RawEndpoint",
     "RawRoute",
     "create_internal_app",
     "internal_hypercorn_config",
@@ -82,6 +95,9 @@ access_logger = logging.getLogger("visiona_services.remote_proxy.access")
 #: ``handler(state, scope, receive, send, device_id, target)``; ``target`` is the rest of
 #: the path after the device id, escaped as received, with the query: ``/a%2Fb?x=1``.
 RawHandler = Callable[[ProxyState, Scope, Receive, Send, str, bytes], Awaitable[None]]
+#: ``handler(state, scope, receive, send)``: a raw route's handler with what the path says
+#: bound (see :meth:`RawRoute.bind`), or a :class:`RawEndpoint`'s.
+BoundHandler = Callable[[ProxyState, Scope, Receive, Send], Awaitable[None]]
 
 
 @attrs.frozen
@@ -114,9 +130,40 @@ class RawRoute:
             target += b"?" + scope["query_string"]
         return device_id, target
 
+    def bind(self, scope: Scope) -> BoundHandler | None:
+        """The handler for ``scope`` with the device id and target bound, if it matches."""
+        matched = self.match(scope)
+        if matched is None:
+            return None
+        device_id, target = matched
+
+        async def handle(state: ProxyState, scope: Scope, receive: Receive, send: Send) -> None:
+            await self.handler(state, scope, receive, send, device_id, target)
+
+        return handle
+
+
+@attrs.frozen
+class RawEndpoint:
+    """A route served by a raw ASGI handler at one exact path (any query, any method: the
+    handler answers the methods it does not take), without a device id."""
+
+    kind: str  # "http" or "websocket"
+    #: The route as a Quart-style rule (for documentation and tests).
+    rule: str
+    path: bytes
+    handler: BoundHandler
+
+    def bind(self, scope: Scope) -> BoundHandler | None:
+        """The handler, if ``scope`` is for this route."""
+        if scope["type"] != self.kind:
+            return None
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        return self.handler if raw_path == self.path else None
+
 
 #: The raw ASGI routes, as data: the middleware dispatches on them, tests iterate them.
-RAW_ROUTES: tuple[RawRoute, ...] = (
+RAW_ROUTES: tuple[RawRoute | RawEndpoint, ...] = (
     RawRoute(
         "http",
         "/internal/forward/<device_id>/<path:path>",
@@ -129,6 +176,7 @@ RAW_ROUTES: tuple[RawRoute, ...] = (
         b"/internal/forward-ws/",
         forward_websocket,
     ),
+    RawEndpoint("http", "/internal/events", b"/internal/events", stream_events),
 )
 
 
@@ -214,7 +262,10 @@ class InternalMiddleware:
     """Request id, authentication, raw routes, access log; see the module docstring."""
 
     def __init__(
-        self, state: ProxyState, app: AsgiApp, routes: Sequence[RawRoute] = RAW_ROUTES
+        self,
+        state: ProxyState,
+        app: AsgiApp,
+        routes: Sequence[RawRoute | RawEndpoint] = RAW_ROUTES,
     ) -> None:
         self.state = state
         self.app = app
@@ -241,16 +292,16 @@ class InternalMiddleware:
     async def _dispatch(self, scope: Scope, receive: Receive, watch: _ResponseWatch) -> None:
         send = watch.send
         authorized = bearer_matches(scope.get("headers", []), self.state.config.internal_secret)
-        route, matched = self._route(scope) if authorized else (None, None)
-        if scope["type"] == "http" and (route is not None or not authorized):
+        handler = self._route(scope) if authorized else None
+        if scope["type"] == "http" and (handler is not None or not authorized):
             # Ours to read; Quart reads the body of its own routes.
             watch.body = _RequestBody(receive)
             receive = watch.body.receive
         if not authorized:
             await self._unauthorized(scope, receive, send)
             return
-        if route is not None and matched is not None:
-            await route.handler(self.state, scope, receive, send, *matched)
+        if handler is not None:
+            await handler(self.state, scope, receive, send)
             return
         if scope["type"] == "websocket":  # Quart has no websocket routes here
             await receive()
@@ -258,12 +309,12 @@ class InternalMiddleware:
             return
         await self.app(scope, receive, send)
 
-    def _route(self, scope: Scope) -> tuple[RawRoute, tuple[str, bytes]] | tuple[None, None]:
+    def _route(self, scope: Scope) -> BoundHandler | None:
         for route in self.routes:
-            matched = route.match(scope)
-            if matched is not None:
-                return route, matched
-        return None, None
+            handler = route.bind(scope)
+            if handler is not None:
+                return handler
+        return None
 
     async def _unauthorized(self, scope: Scope, receive: Receive, send: Send) -> None:
         challenge = (b"www-authenticate", b"Bearer")
@@ -291,25 +342,6 @@ class InternalMiddleware:
 
 
 # -- the Quart routes -----------------------------------------------------------------------
-
-
-def _iso_utc(timestamp: float) -> str:
-    moment = datetime.fromtimestamp(timestamp, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def session_json(stats: TunnelStats) -> dict[str, object]:
-    """One session as the API shows it."""
-    return {
-        "device_id": stats.key,
-        "connected": True,
-        "since": _iso_utc(stats.connected_since),
-        "remote_address": stats.remote_address,
-        "open_streams": stats.open_streams,
-        "rtt_ms": None if stats.rtt is None else round(stats.rtt * 1000, 3),
-        "bytes_in": stats.bytes_in,
-        "bytes_out": stats.bytes_out,
-    }
 
 
 def _register_routes(app: QuartTrio, state: ProxyState) -> None:

@@ -8,7 +8,7 @@ import trio
 from visiona_tunnel.relay import Tunnel, TunnelDown, TunnelEvent, TunnelRegistry, TunnelUp
 
 from ..common.inflight import InFlight
-from ..common.metrics import Counter, Histogram, Registry
+from ..common.metrics import Counter, Gauge, Histogram, Registry
 from .config import ProxyConfig
 
 
@@ -52,9 +52,11 @@ class ProxyMetrics:
     forward_seconds: Histogram
     forward_bytes_in: Counter  # request bodies sent to agents
     forward_bytes_out: Counter  # response bodies from agents
+    events_subscribers: Gauge
 
     @classmethod
-    def create(cls, tunnels: TunnelRegistry) -> ProxyMetrics:
+    def create(cls, tunnels: TunnelRegistry, subscribers: InFlight) -> ProxyMetrics:
+        """``subscribers``: the subscriptions of ``GET /internal/events``."""
         registry = Registry()
         registry.gauge("visiona_tunnel_sessions", "Live agent tunnels.", lambda: len(tunnels))
         registry.gauge(
@@ -96,6 +98,11 @@ class ProxyMetrics:
             forward_bytes_out=registry.counter(
                 "visiona_forward_response_bytes_total", "Response body bytes from agents."
             ),
+            events_subscribers=registry.gauge(
+                "visiona_events_subscribers",
+                "Subscribers of the events stream (GET /internal/events).",
+                lambda: subscribers.count,
+            ),
         )
 
     def observe(self, event: TunnelEvent) -> None:
@@ -120,10 +127,17 @@ class ProxyState:
     #: ``state.inflight.wait_idle()``. WebSocket relays count too: draining closes them
     #: (1001 both ways), and the tunnel must outlive their close frames.
     inflight: InFlight = attrs.field(factory=InFlight)
+    #: Subscriptions of the events stream (``GET /internal/events``) now; a subscription
+    #: ends when its observer leaves the registry.
+    event_subscribers: InFlight = attrs.field(factory=InFlight)
+    #: How many event lines a subscriber may have waiting before it is disconnected
+    #: (set in code only: tests make it small).
+    events_buffer: int = 1000
 
     @classmethod
     def create(cls, config: ProxyConfig) -> ProxyState:
         tunnels = TunnelRegistry()
-        metrics = ProxyMetrics.create(tunnels)
+        subscribers = InFlight()
+        metrics = ProxyMetrics.create(tunnels, subscribers)
         tunnels.add_observer(metrics.observe)
-        return cls(config=config, tunnels=tunnels, metrics=metrics)
+        return cls(config=config, tunnels=tunnels, metrics=metrics, event_subscribers=subscribers)

@@ -130,7 +130,7 @@ BAD_CREDENTIALS = {
 def test_the_route_table_has_every_route() -> None:
     paths = {path for _, path in EVERY_ROUTE}
     assert {"/internal/sessions", "/internal/sessions/x", "/metrics"} <= paths
-    assert {"/internal/forward/x/x", "/internal/forward-ws/x/x"} <= paths
+    assert {"/internal/forward/x/x", "/internal/forward-ws/x/x", "/internal/events"} <= paths
 
 
 @pytest.mark.parametrize("credentials", BAD_CREDENTIALS.values(), ids=BAD_CREDENTIALS.keys())
