@@ -36,6 +36,8 @@ logger = logging.getLogger("visiona_services.api_server.tunnel_events")
 
 #: Seconds without a line (heartbeats included) after which the stream is taken as dead.
 SILENCE_LIMIT = 20.0
+#: The reason of a ``tunnel.down`` whose device has a newer tunnel already.
+REPLACED = "replaced"
 #: A line longer than this ends the stream (it is not the remote-proxy talking).
 MAX_LINE = 1 << 20
 
@@ -94,6 +96,8 @@ async def apply_event(services: ApiServices, event: dict[str, Any]) -> None:
         session = LiveSession.from_json({**event.get("session", {}), **event})
         online = {session.device_id} if services.presence.up(session) else set()
         await _changed(services, online, set(), at, seen=[session.device_id])
+    elif kind == "tunnel.down" and event.get("reason") == REPLACED:
+        pass  # the newer tunnel's tunnel.up follows at once: no offline blip
     elif kind == "tunnel.down":
         device_id = str(event["device_id"])
         offline = {device_id} if services.presence.down(device_id) else set()
