@@ -1,7 +1,9 @@
 """A tiny local HTTP + WebSocket server for demos: what an edge device would serve.
 
-Routes: ``GET /`` (hello), ``GET /hello``, ``POST /echo`` (streams the body back),
-``GET /bytes/N`` (N bytes), ``WS /ws/echo``. A raw ASGI app, served by hypercorn;
+Routes: ``GET /`` (hello), ``GET /hello``, ``GET /api/cameras[/...]`` (a camera list),
+``POST /api/devices/scan``, ``POST /api/inference/{model}`` (reads the input, answers a
+result), ``POST /echo`` (streams the body back), ``GET /bytes/N`` (N bytes), and any
+WebSocket path (echo). A raw ASGI app, served by hypercorn;
 :func:`run_demo_device` serves it behind an agent.
 """
 
@@ -25,6 +27,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _CHUNK = bytes(range(256)) * 256  # 64 KiB
+_CAMERAS = [{"id": "cam-0", "name": "Demo camera", "resolution": "1920x1080", "fps": 30}]
 
 
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -43,6 +46,20 @@ async def _http(scope: Scope, receive: Receive, send: Send) -> None:
     if path in ("/", "/hello"):
         body = json.dumps({"hello": "from the device", "path": path}).encode() + b"\n"
         await _respond(send, 200, body, b"application/json")
+    elif path.startswith("/api/cameras"):
+        await _respond(send, 200, json.dumps(_CAMERAS).encode() + b"\n", b"application/json")
+    elif path == "/api/devices/scan" and method == "POST":
+        found = {"usb": [{"id": "usb-0", "kind": "camera", "name": "Demo UVC camera"}]}
+        await _respond(send, 200, json.dumps(found).encode() + b"\n", b"application/json")
+    elif path.startswith("/api/inference/") and method == "POST":
+        size = 0
+        while True:
+            message = await receive()
+            size += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        result = {"model": path.removeprefix("/api/inference/"), "input_bytes": size, "labels": []}
+        await _respond(send, 200, json.dumps(result).encode() + b"\n", b"application/json")
     elif path == "/echo" and method == "POST":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         while True:

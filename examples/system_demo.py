@@ -5,7 +5,10 @@
 * the api-server on :3721 (``VISIONA_ENV=dev``: SQLite and secrets under ``./data``),
 * the remote-proxy (tunnels :3800, internal API :3801) sharing the api-server's internal
   secret,
-* a demo device: an agent with a static token serving a small local HTTP server.
+* a demo device, paired through the real flow: the demo user logs in at the dev provider
+  (headless), asks for a pairing token, and the agent trades it at the exchange for its
+  device token (kept in ``{VISIONA_DATA_DIR}/demo-agent.json`` for the next run), then
+  dials the remote-proxy, which verifies the token with the api-server.
 
 Environment variables override the defaults as for each service (docs/api-server.md,
 docs/remote-proxy.md). Ctrl-C stops everything.
@@ -22,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
 from visiona_services.api_server import ApiConfig, serve_api_server
@@ -29,14 +33,17 @@ from visiona_services.common.envconfig import load
 from visiona_services.common.logs import configure_logging
 from visiona_services.remote_proxy.config import ProxyConfig
 from visiona_services.remote_proxy.service import serve_remote_proxy
+from visiona_tunnel.credentials import DeviceCredentials, load_credentials, store_credentials
+from visiona_tunnel.pairing import pair_device
 
 from .demo_local_server import run_demo_device
+from .devbrowser import login_at_provider
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVIDP = ROOT / "devidp"
 IDP_PORT = int(os.environ.get("VISIONA_DEV_IDP_PORT", "3722"))
-DEMO_TOKEN = "demo-token"
-DEMO_DEVICE = "demo-device"
+DEMO_USER = "demo"
+DEMO_DEVICE_NAME = "demo device"
 #: The dev provider's startup line and its time to print it.
 IDP_READY = b"oidc-provider listening on "
 IDP_START_TIMEOUT = 20.0
@@ -45,7 +52,9 @@ IDP_START_TIMEOUT = 20.0
 def api_config() -> ApiConfig:
     api_port = os.environ.get("VISIONA_API_PORT", "3721")
     proxy_port = os.environ.get("VISIONA_PROXY_INTERNAL_PORT", "3801")
+    tunnel_port = os.environ.get("VISIONA_TUNNEL_PORT", "3800")
     environ = {
+        "VISIONA_TUNNEL_PUBLIC_URL": f"ws://127.0.0.1:{tunnel_port}/tunnel/connect",
         "VISIONA_ENV": "dev",
         "VISIONA_LOG_LEVEL": "warning",
         "VISIONA_PUBLIC_URL": f"http://127.0.0.1:{api_port}",
@@ -67,9 +76,9 @@ def proxy_config(api: ApiConfig) -> ProxyConfig:
     environ = {
         "VISIONA_ENV": "dev",
         "VISIONA_TUNNEL_HOST": "127.0.0.1",
-        "VISIONA_PROXY_STATIC_TOKENS": f"{DEMO_TOKEN}={DEMO_DEVICE}",
         "VISIONA_LOG_LEVEL": "warning",
         **os.environ,
+        "VISIONA_API_INTERNAL_URL": api.public_url,
         "VISIONA_INTERNAL_SECRET": api.internal_secret,
     }
     return ProxyConfig.from_env(environ)
@@ -122,32 +131,63 @@ async def main() -> None:
             outer.cancel_scope.cancel()  # the provider, once the services have stopped
 
 
+async def demo_credentials(api: ApiConfig, issuer: str) -> DeviceCredentials:
+    """The demo device's credentials: kept from an earlier run if its device still exists,
+    else paired now through the real flow (the demo user logs in, asks for a pairing
+    token; the agent side trades it)."""
+    path = Path(api.data_dir) / "demo-agent.json"
+    async with httpx.AsyncClient(base_url=api.public_url) as browser:
+        login = await browser.get("/api/auth/login")
+        callback = await login_at_provider(browser, login.headers["location"], DEMO_USER)
+        await browser.get(callback)
+        kept = load_credentials(path)
+        devices = (await browser.get("/api/devices")).json()["data"]
+        if kept is not None and any(device["id"] == kept.device_id for device in devices):
+            return kept
+        created = await browser.post(
+            "/api/pairing/token", json={"name": DEMO_DEVICE_NAME}, headers={"X-CSRF": "1"}
+        )
+        token = created.json()["data"]["token"]
+    paired = await pair_device(api.public_url, token)
+    credentials = DeviceCredentials(
+        device_id=paired.device_id,
+        device_token=paired.device_token,
+        relay_url=paired.relay_url,
+        api_url=api.public_url,
+        paired_at=DeviceCredentials.now(),
+    )
+    store_credentials(path, credentials)
+    return credentials
+
+
 async def run_services(api: ApiConfig, proxy: ProxyConfig, issuer: str, signals: Any) -> None:
     """Serve until the first signal, then stop each service gracefully."""
     async with trio.open_nursery() as nursery:
-        api_server = await nursery.start(serve_api_server, api)
         proxy_server = await nursery.start(serve_remote_proxy, proxy)
-        relay_url = f"ws://127.0.0.1:{proxy.tunnel_port}/tunnel/connect"
-        device = await nursery.start(run_demo_device, relay_url, DEMO_TOKEN)
-        await proxy_server.state.tunnels.wait_for(DEMO_DEVICE)
-        internal = f"http://127.0.0.1:{proxy.internal_port}"
-        bearer = f'-H "Authorization: Bearer {api.internal_secret}"'
+        api_server = await nursery.start(serve_api_server, api)
+        credentials = await demo_credentials(api, issuer)
+        device = await nursery.start(
+            run_demo_device, credentials.relay_url, credentials.device_token
+        )
+        await api_server.services.presence.wait_until_online(credentials.device_id)
         print(
             f"""
 visionA, the whole system on 127.0.0.1:
   api-server         {api.public_url} ({api_server.services.db.dialect}, data in {api.data_dir})
   identity provider  {issuer} (dev: any user name logs in, any password)
-  remote-proxy       tunnels {proxy_server.tunnel_urls[0]}, internal API {internal}
-  demo device        {DEMO_DEVICE}: its agent is connected, its local server on :{device.local_port}
+  remote-proxy       tunnels {proxy_server.tunnel_urls[0]}, internal API :{proxy.internal_port}
+  demo device        "{DEMO_DEVICE_NAME}" ({credentials.device_id}), paired to the user
+                     "{DEMO_USER}"; its agent is online, its local server on :{device.local_port}
 
-open in a browser:
-  {api.public_url}/api/auth/login?next=/api/auth/me   log in, then see who you are
-  {api.public_url}/api/system/health                  the database and the remote-proxy
-  {api.public_url}/api/audit                          your logins and logouts
+open in a browser, logging in as "{DEMO_USER}" (any password):
+  {api.public_url}/api/auth/login?next=/api/devices   your devices: the demo device, online
+  {api.public_url}/api/cameras/                       its local server, through the tunnel
+  {api.public_url}/api/pairing/status                 whether any device is online
+  {api.public_url}/api/audit                          what you did
+  ws://127.0.0.1:{api.port}/api/events                device online/offline as it happens
 
-the remote-proxy's internal API (how the api-server reaches devices):
-  curl {bearer} {internal}/internal/sessions
-  curl {bearer} {internal}/internal/forward/{DEMO_DEVICE}/hello
+pair another device: POST {api.public_url}/api/pairing/token (logged in, X-CSRF: 1), then
+  visiona-agent --api-url {api.public_url} --pairing-token vAc_... --local 127.0.0.1:8080
 
 Ctrl-C to stop.""",
             flush=True,

@@ -1,5 +1,6 @@
-"""``make run`` (``python -m examples.system_demo``): the whole system starts, a newcomer
-logs in through the dev provider and sees who they are, and Ctrl-C stops it all."""
+"""``make run`` (``python -m examples.system_demo``): the whole system starts with a demo
+device paired through the real flow, the demo user logs in through the dev provider and
+sees the device online, and Ctrl-C stops it all."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-async def test_make_run_lets_a_newcomer_log_in_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+async def test_make_run_shows_the_demo_users_device_online_and_stops_on_ctrl_c(
+    tmp_path: Path,
+) -> None:
     api, idp, tunnel, internal = _free_ports(4)
     env = {key: value for key, value in os.environ.items() if not key.startswith("VISIONA_")}
     env.update(
@@ -56,14 +59,15 @@ async def test_make_run_lets_a_newcomer_log_in_and_stops_on_ctrl_c(tmp_path: Pat
                 chunk = await process.stdout.receive_some()
                 assert chunk, f"the demo ended early: {shown.decode()}"
                 shown += chunk
-            login = f"http://127.0.0.1:{api}/api/auth/login?next=/api/auth/me"
+            login = f"http://127.0.0.1:{api}/api/auth/login?next=/api/devices"
             assert login in shown.decode()
             async with httpx.AsyncClient() as browser:
                 start = await browser.get(login)
-                callback = await login_at_provider(browser, start.headers["location"], "newbie")
-                me = await browser.get(callback, follow_redirects=True)
+                callback = await login_at_provider(browser, start.headers["location"], "demo")
+                devices = await browser.get(callback, follow_redirects=True)
                 health = await browser.get(f"http://127.0.0.1:{api}/api/system/health")
-            assert me.json()["data"]["email"] == "newbie@example.test"
+            [device] = devices.json()["data"]
+            assert (device["name"], device["online"]) == ("demo device", True)
             assert health.json()["data"]["status"] == "ok"
             process.send_signal(signal.SIGINT)
             assert await process.wait() == 0

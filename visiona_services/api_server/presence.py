@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import attrs
+import trio
 
 __all__ = ["LiveSession", "Presence"]
 
@@ -34,6 +35,16 @@ class LiveSession:
 @attrs.define
 class Presence:
     _live: dict[str, LiveSession] = attrs.field(factory=dict)
+    _changed: trio.Event = attrs.field(factory=trio.Event)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_until_online(self, device_id: str, online: bool = True) -> None:
+        """Return once the device is online (or, with ``online=False``, offline)."""
+        while self.is_online(device_id) != online:
+            await self._changed.wait()
 
     def get(self, device_id: str) -> LiveSession | None:
         return self._live.get(device_id)
@@ -45,17 +56,21 @@ class Presence:
         """A tunnel came up; True if the device was offline."""
         was_offline = session.device_id not in self._live
         self._live[session.device_id] = session
+        self._notify()
         return was_offline
 
     def down(self, device_id: str) -> bool:
         """A tunnel went down; True if the device was online."""
-        return self._live.pop(device_id, None) is not None
+        gone = self._live.pop(device_id, None) is not None
+        self._notify()
+        return gone
 
     def replace(self, sessions: Iterable[LiveSession]) -> tuple[set[str], set[str]]:
         """A snapshot: the live set becomes ``sessions``; returns the device ids that came
         online and those that went offline with it."""
         before = set(self._live)
         self._live = {session.device_id: session for session in sessions}
+        self._notify()
         after = set(self._live)
         return after - before, before - after
 
@@ -63,4 +78,5 @@ class Presence:
         """The stream is lost: nothing is known to be online any more."""
         gone = set(self._live)
         self._live.clear()
+        self._notify()
         return gone
