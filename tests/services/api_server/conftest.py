@@ -15,6 +15,7 @@ from hypercorn.config import Sockets
 from support.apiserver import Api, FakeClock, base_config, bind, running_api
 from support.oidcprovider import RunningProvider, start_oidc_provider
 from support.postgres import create_database
+from support.system import System, open_system
 
 from visiona_services.api_server import ApiConfig
 
@@ -68,4 +69,12 @@ async def api(stack: Stack) -> AsyncIterator[Api]:
     async with running_api(
         stack.config, stack.sockets, stack.url, stack.provider, FakeClock()
     ) as running:
+        yield running
+
+
+@pytest.fixture
+async def system(nursery: trio.Nursery, database_url: str) -> AsyncIterator[System]:
+    """The remote-proxy, the api-server and the dev provider wired together
+    (``support.system``); pair devices and start agents with it."""
+    async with open_system(nursery, database_url) as running:
         yield running
