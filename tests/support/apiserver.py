@@ -4,7 +4,6 @@ the real provider by a headless browser (an httpx client with a cookie jar)."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -74,6 +73,20 @@ class Api:
     server: RunningApiServer
     provider: RunningProvider | None
     clock: FakeClock
+    _nursery: trio.Nursery
+    #: Set when the running server has returned.
+    _done: trio.Event
+
+    async def restart(self) -> None:
+        """Stop the server gracefully and start a new one on the same database and port
+        (what is in memory is lost; what is in the database must not be)."""
+        self.server.stop()
+        with trio.fail_after(STEP_TIMEOUT):
+            await self._done.wait()
+        sockets, url = bind(attrs.evolve(self.config, port=int(self.url.rsplit(":", 1)[1])))
+        assert url == self.url
+        self._done = trio.Event()
+        self.server = await _start(self._nursery, self.config, sockets, self._done, self.clock)
 
     def browser(self, **options: Any) -> httpx.AsyncClient:
         """A new browser (own cookie jar), aimed at the api-server."""
@@ -96,6 +109,28 @@ class Api:
             return await browser.get(callback)
 
 
+async def _serve(
+    config: ApiConfig,
+    sockets: Sockets,
+    done: trio.Event,
+    *,
+    task_status: trio.TaskStatus[RunningApiServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    try:
+        await serve_api_server(config, sockets=sockets, task_status=task_status)
+    finally:
+        done.set()
+
+
+async def _start(
+    nursery: trio.Nursery, config: ApiConfig, sockets: Sockets, done: trio.Event, clock: FakeClock
+) -> RunningApiServer:
+    with trio.fail_after(STEP_TIMEOUT):
+        server: RunningApiServer = await nursery.start(_serve, config, sockets, done)
+    server.services.clock = clock
+    return server
+
+
 @asynccontextmanager
 async def running_api(
     config: ApiConfig,
@@ -107,12 +142,17 @@ async def running_api(
     """Serve ``config`` on ``sockets`` for the block; stop it (gracefully) after."""
     clock = clock or FakeClock()
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(STEP_TIMEOUT):
-            server: RunningApiServer = await nursery.start(
-                functools.partial(serve_api_server, config, sockets=sockets)
-            )
-        server.services.clock = clock
+        done = trio.Event()
+        api = Api(
+            url,
+            config,
+            await _start(nursery, config, sockets, done, clock),
+            provider,
+            clock,
+            nursery,
+            done,
+        )
         try:
-            yield Api(url, config, server, provider, clock)
+            yield api
         finally:
-            server.stop()
+            api.server.stop()

@@ -86,3 +86,17 @@ async def test_devices_come_back_online_after_a_remote_proxy_restart(
         await system.wait_online(device.device_id)
         [listed] = (await browser.get("/api/devices")).json()["data"]
     assert listed["online"] is True
+
+
+async def test_an_api_server_restart_keeps_devices_and_finds_them_online(
+    nursery: trio.Nursery, system: System, local: LocalServer
+) -> None:
+    async with system.api.browser() as browser:
+        await system.api.login(browser, "alice")
+        device = await system.pair(browser)
+        await system.start_agent(nursery, device, local.port)
+        await system.wait_online(device.device_id)
+        await system.api.restart()
+        await system.wait_online(device.device_id)  # rebuilt from the snapshot
+        [listed] = (await browser.get("/api/devices")).json()["data"]
+    assert (listed["id"], listed["online"]) == (device.device_id, True)

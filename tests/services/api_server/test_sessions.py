@@ -3,16 +3,13 @@ key rotation, the provider being down, and a restart that keeps everything."""
 
 from __future__ import annotations
 
-import attrs
 import httpx
 import trio
 from sqlalchemy import select
-from support.apiserver import CSRF, STEP_TIMEOUT, Api, bind, running_api
+from support.apiserver import CSRF, STEP_TIMEOUT, Api
 from support.oidcprovider import login_at_provider, logout_at_provider, new_signing_jwks
 
 from visiona_services.api_server.db import AuditEvent
-
-from .conftest import Stack
 
 
 async def _logged_in(api: Api, browser: httpx.AsyncClient, username: str = "alice") -> None:
@@ -113,22 +110,11 @@ async def test_a_provider_that_is_down_gives_a_clear_error(api: Api) -> None:
         assert "Traceback" not in response.text
 
 
-async def test_a_restart_keeps_users_and_live_sessions(stack: Stack) -> None:
-    async with (
-        running_api(stack.config, stack.sockets, stack.url, stack.provider) as first,
-        first.browser() as browser,
-    ):
-        await _logged_in(first, browser)
+async def test_a_restart_keeps_users_and_live_sessions(api: Api) -> None:
+    async with api.browser() as browser:
+        await _logged_in(api, browser)
         before = (await browser.get("/api/auth/me")).json()["data"]
-        cookie = str(browser.cookies["visiona_session"])
-    # the first server has stopped; a second one on the same database and port
-    port = int(stack.url.rsplit(":", 1)[1])
-    sockets, url = bind(attrs.evolve(stack.config, port=port))
-    assert url == stack.url
-    async with (
-        running_api(stack.config, sockets, url, stack.provider) as second,
-        second.browser(cookies={"visiona_session": cookie}) as same,
-    ):
-        after = await same.get("/api/auth/me")
+        await api.restart()
+        after = await browser.get("/api/auth/me")
     assert after.status_code == 200
     assert after.json()["data"] == before
