@@ -52,9 +52,12 @@ __all__ = [
     "new_request_id",
     "ok_envelope",
     "reject_websocket",
+    "reject_websocket_api_error",
+    "reject_websocket_error",
     "request_id_context",
     "request_id_header",
     "sane_request_id",
+    "send_api_error",
     "send_error",
     "send_json",
 ]
@@ -256,6 +259,24 @@ async def reject_websocket_error(
     body = json_bytes(error_envelope(code, message))
     start = [(b"content-type", JSON_CONTENT_TYPE.encode()), *headers]
     return await reject_websocket(scope, send, status, body, start)
+
+
+def _header_bytes(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+
+
+async def send_api_error(send: Send, error: ApiError) -> int:
+    """:func:`send_error` with ``error``'s status, code, message and headers; its status."""
+    await send_error(send, error.status, error.code, error.message, _header_bytes(error.headers))
+    return error.status
+
+
+async def reject_websocket_api_error(scope: Scope, send: Send, error: ApiError) -> int:
+    """:func:`reject_websocket_error` with ``error``'s status, code, message and headers;
+    its status."""
+    headers = _header_bytes(error.headers)
+    await reject_websocket_error(scope, send, error.status, error.code, error.message, headers)
+    return error.status
 
 
 # -- Quart ----------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ the JSON envelope.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import cast
 from urllib.parse import unquote_to_bytes
@@ -72,12 +71,14 @@ from ..common.http import (
     send_error,
 )
 from ..common.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..common.request_body import LINGER_IDLE, RequestBody
+from ..common.ws_forward import MAX_MESSAGE_SIZE
 from .config import ProxyConfig
 from .events import stream_events
 from .http_forward import forward_http_request
 from .sessions import session_json
 from .state import ProxyState
-from .ws_forward import MAX_MESSAGE_SIZE, forward_websocket
+from .ws_forward import forward_websocket
 
 __all__ = [
     "RAW_ROUTES",
@@ -180,55 +181,18 @@ RAW_ROUTES: tuple[RawRoute | RawEndpoint, ...] = (
 )
 
 
-#: After a raw HTTP route's answer, how long the caller may pause sending the rest of an
-#: unread request body before we stop reading it (see :class:`_RequestBody`).
-LINGER_IDLE = 1.0
-
-
-class _RequestBody:
-    """Wraps ``receive`` for a request whose body is ours to read (raw routes, refusals):
-    knows whether the request has ended (the body's last message, or the disconnect).
-
-    hypercorn (0.18) reports the end of a request through its bounded queue of request
-    messages, also while the final response message goes out and after the app returned;
-    with that queue full of unread body it blocks there for good and never closes the
-    connection. So a body nobody wants is read and dropped: while the final response
-    message is sent, and afterwards for as long as the caller keeps sending
-    (:meth:`drain`).
-    """
-
-    def __init__(self, receive: Receive) -> None:
-        self._receive = receive
-        self.ended = False
-
-    async def receive(self) -> Message:
-        message = await self._receive()
-        if message["type"] == "http.disconnect" or not message.get("more_body", False):
-            self.ended = True
-        return message
-
-    async def drain(self, idle: float = math.inf) -> None:
-        """Drop the rest of the body until the request ends, or nothing came for ``idle``
-        seconds."""
-        while not self.ended:
-            with trio.move_on_after(idle) as quiet:
-                await self.receive()
-            if quiet.cancelled_caught:
-                return
-
-
 class _ResponseWatch:
     """Wraps ``send``: sets ``X-Request-ID`` on the response head (replacing a device's
     own), remembers the status (for the access log, and to know whether an error can
     still be answered), and drains an unread request ``body`` while the final response
-    message goes out."""
+    message goes out (see :mod:`visiona_services.common.request_body`)."""
 
     def __init__(self, send: Send, request_id: str) -> None:
         self._send = send
         self._header = (b"X-Request-ID", request_id.encode())
         self.status: int | None = None
         self.accepted = False
-        self.body: _RequestBody | None = None
+        self.body: RequestBody | None = None
 
     def _with_request_id(self, message: Message) -> Message:
         headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
@@ -248,12 +212,8 @@ class _ResponseWatch:
             kind == "http.response.body"
             and not message.get("more_body", False)
             and self.body is not None
-            and not self.body.ended
         ):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.body.drain)
-                await self._send(message)
-                nursery.cancel_scope.cancel()
+            await self.body.send_last(self._send, message)
             return
         await self._send(message)
 
@@ -295,7 +255,7 @@ class InternalMiddleware:
         handler = self._route(scope) if authorized else None
         if scope["type"] == "http" and (handler is not None or not authorized):
             # Ours to read; Quart reads the body of its own routes.
-            watch.body = _RequestBody(receive)
+            watch.body = RequestBody(receive)
             receive = watch.body.receive
         if not authorized:
             await self._unauthorized(scope, receive, send)
