@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from ..common.envconfig import ConfigError, env, load
+from ..common.internal_url import InternalUrl
 
 __all__ = ["ApiConfig", "ConfigError", "RateLimit"]
 
@@ -96,12 +97,9 @@ def _public_url(instance: object, attribute: attrs.Attribute[str], value: str) -
 
 def _http_url(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     try:
-        origin_of(value)
+        InternalUrl.parse(value, allow_https=True)
     except ValueError as exc:
         raise ValueError(f"{_variable(attribute)}: {exc}") from None
-    parts = urlsplit(value)
-    if parts.query or parts.fragment:
-        raise ValueError(f"{_variable(attribute)}: must not have a query or fragment: {value!r}")
 
 
 def _origins(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -248,6 +246,15 @@ class ApiConfig:
         metadata=env(
             "VISIONA_FORWARD_PREFIXES",
             "comma-separated path prefixes forwarded to a device's local server",
+        ),
+    )
+    forward_timeout: float = attrs.field(
+        default=60.0,
+        validator=_positive,
+        metadata=env(
+            "VISIONA_FORWARD_TIMEOUT",
+            "seconds the remote-proxy may keep a forward waiting (for its answer, or to take "
+            "a piece of the body); longer than its VISIONA_PROXY_FORWARD_TIMEOUT",
         ),
     )
     oidc_issuer: str = attrs.field(

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
 from collections.abc import Mapping
-from urllib.parse import urlsplit
 
 import attrs
 
 from ..common.envconfig import ConfigError, env, load
+from ..common.internal_url import InternalUrl
 
 logger = logging.getLogger("visiona_services.remote_proxy")
 
@@ -28,46 +27,10 @@ def _positive(instance: object, attribute: attrs.Attribute[float], value: float)
         raise ValueError(f"{variable}: must be positive, got {value}")
 
 
-#: An escaped URL path (RFC 3986 ``path-abempty``).
-_PATH = re.compile(r"(?:/(?:[A-Za-z0-9\-._~!$&'()*+,;=:@]|%[0-9A-Fa-f]{2})*)*")
-
-
-@attrs.frozen
-class ApiServerUrl:
-    """``VISIONA_API_INTERNAL_URL``, checked: ``http://host[:port][/prefix]``."""
-
-    host: str
-    port: int
-    #: ``host[:port]`` as written, for the ``Host`` header.
-    netloc: str
-    #: The prefix, without a trailing "/".
-    prefix: str
-
-    @classmethod
-    def parse(cls, text: str) -> ApiServerUrl:
-        """Raises ValueError saying what is wrong with ``text``."""
-        parts = urlsplit(text)
-        try:
-            port = parts.port
-        except ValueError as exc:  # not a number, or out of range
-            raise ValueError(f"bad port in {text!r}: {exc}") from None
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError(f"expected http://host[:port][/prefix], got {text!r}")
-        if port == 0:
-            raise ValueError(f"port 0 in {text!r}")
-        if "@" in parts.netloc:
-            raise ValueError(f"must not hold credentials: {text!r}")
-        if parts.query or parts.fragment:
-            raise ValueError(f"must not have a query or fragment: {text!r}")
-        if not _PATH.fullmatch(parts.path):
-            raise ValueError(f"the prefix must be an escaped path: {text!r}")
-        return cls(parts.hostname, port or 80, parts.netloc, parts.path.rstrip("/"))
-
-
 def _api_url(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     if value:
         try:
-            ApiServerUrl.parse(value)
+            InternalUrl.parse(value)
         except ValueError as exc:
             variable = attribute.metadata.get("env", attribute.name)
             raise ValueError(f"{variable}: {exc}") from None

@@ -20,7 +20,8 @@ import trio
 from visiona_tunnel.httpstream import forward_http
 from visiona_tunnel.relay import TokenVerifier, VerifierUnavailable
 
-from .config import ApiServerUrl, ProxyConfig
+from ..common.internal_url import InternalUrl
+from .config import ProxyConfig
 
 if TYPE_CHECKING:
     from .state import ProxyState
@@ -63,7 +64,7 @@ class ApiServerVerifier:
     """
 
     def __init__(self, base_url: str, internal_secret: str, *, timeout: float = 5.0) -> None:
-        url = ApiServerUrl.parse(base_url)  # ValueError: see ProxyConfig's check
+        url = InternalUrl.parse(base_url)  # ValueError: see ProxyConfig's check
         self.host, self.port, self.netloc = url.host, url.port, url.netloc
         self.target = url.prefix + VERIFY_PATH
         self.timeout = timeout
