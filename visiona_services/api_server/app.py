@@ -1,5 +1,7 @@
 """``create_app``: the api-server's Quart-Trio app, with the rules of :mod:`.policy` on
-every route, the envelope on every error and :class:`.middleware.ApiMiddleware` outside."""
+every route, the envelope on every error and :class:`.middleware.ApiMiddleware` outside;
+between the two, :class:`.forwarding.ForwardDispatcher` takes the paths forwarded to
+devices."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from .api import events as events_api
 from .api import pairing as pairing_api
 from .api import system as system_api
 from .errors import DomainError
+from .forwarding import ForwardDispatcher
 from .middleware import ApiMiddleware
 from .policy import enforce
 from .services import ApiServices
@@ -65,7 +68,8 @@ def create_app(services: ApiServices) -> QuartTrio:
     for routes in (auth_api, system_api, audit_api, pairing_api, devices_api, events_api):
         routes.register(app)
     quart_app = cast(AsgiApp, app.asgi_app)  # hypercorn's TypedDicts are narrower
-    app.asgi_app = ApiMiddleware(quart_app, services.config)  # type: ignore[method-assign,assignment]
+    forwarding = ForwardDispatcher(services, quart_app)
+    app.asgi_app = ApiMiddleware(forwarding, services.config)  # type: ignore[method-assign,assignment]
     return app
 
 

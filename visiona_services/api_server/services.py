@@ -14,6 +14,7 @@ import httpx
 import quart
 import trio
 
+from ..common.inflight import InFlight
 from .auth.oidc import OidcClient
 from .auth.sessions import SessionPolicy
 from .config import ApiConfig, RateLimit
@@ -39,6 +40,8 @@ class ApiServices:
     session_policy: SessionPolicy
     presence: Presence = attrs.field(factory=Presence)
     broker: Broker = attrs.field(factory=Broker)
+    #: Forwards to devices running now (:mod:`.forwarding`).
+    forwards: InFlight = attrs.field(factory=InFlight)
     #: Seconds between checks that a realtime feed's session is still alive.
     feed_session_recheck: float = 30.0
     #: Now, for session and login lifetimes (tests move it).
