@@ -20,7 +20,14 @@ from support.tunnelhttp import browser_websocket, http_exchange, websocket_hands
 
 from visiona_services.api_server import create_app
 from visiona_services.api_server.db import AuditEvent
-from visiona_services.api_server.policy import Access, access_of, internal, public
+from visiona_services.api_server.forwarding import forward_routes
+from visiona_services.api_server.policy import (
+    UNSAFE_METHODS,
+    Access,
+    access_of,
+    internal,
+    public,
+)
 
 from .conftest import start_stack
 
@@ -34,13 +41,18 @@ PUBLIC_ROUTES = {
 }
 
 
+#: The methods the walks try on a forwarded path (it takes any).
+FORWARD_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+
+
 def _concrete(rule: str) -> str:
     """A path matching ``rule`` (every variable part becomes ``x``)."""
     return re.sub(r"<[^>]+>", "x", rule)
 
 
 def _rules(api: Api) -> list[tuple[str, str, Access, bool]]:
-    """(path, method, access, websocket) for every route of the app."""
+    """(path, method, access, websocket) for every route of the app: Quart's, and the
+    paths forwarded to devices (any method)."""
     app = create_app(api.server.services)
     found = []
     for rule in app.url_map.iter_rules():
@@ -48,7 +60,15 @@ def _rules(api: Api) -> list[tuple[str, str, Access, bool]]:
         methods = sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}) or ["GET"]
         for method in methods:
             found.append((_concrete(rule.rule), method, access, bool(rule.websocket)))
+    for route in forward_routes(api.config):
+        websocket = route.kind == "websocket"
+        for method in ["GET"] if websocket else FORWARD_METHODS:
+            found.append((_concrete(route.rule), method, Access.SESSION, websocket))
     return found
+
+
+def _port(api: Api) -> int:
+    return int(api.url.rsplit(":", 1)[1])
 
 
 async def test_only_the_listed_routes_are_public(api: Api) -> None:
@@ -67,6 +87,48 @@ async def test_every_other_route_answers_401_without_a_session(api: Api) -> None
             assert response.json()["error"]["code"] == "UNAUTHORIZED"
             walked += 1
     assert walked >= 4
+
+
+async def test_every_websocket_route_answers_401_without_a_session(api: Api) -> None:
+    paths = [path for path, _, _, websocket in _rules(api) if websocket]
+    with trio.fail_after(STEP_TIMEOUT):
+        for path in paths:
+            refused = await websocket_handshake(_port(api), path, [("Origin", api.url)])
+            assert refused.status == 401, path
+            assert json.loads(refused.body)["error"]["code"] == "UNAUTHORIZED"
+    assert "/api/events" in paths and "/ws/x" in paths
+
+
+async def test_every_unsafe_session_route_needs_the_csrf_header(api: Api) -> None:
+    walked = []
+    async with api.browser() as browser:
+        await api.login(browser, "alice")
+        for path, method, access, websocket in _rules(api):
+            if access is not Access.SESSION or websocket or method not in UNSAFE_METHODS:
+                continue
+            response = await browser.request(method, path)
+            assert response.status_code == 403, (method, path, response.text)
+            assert response.json()["error"]["code"] == "CSRF_REJECTED"
+            walked.append((method, path))
+        assert (await browser.get("/api/auth/me")).status_code == 200  # nothing happened
+    assert ("POST", "/api/devices/scan") in walked and ("DELETE", "/api/cameras/x") in walked
+
+
+async def test_every_websocket_route_refuses_a_foreign_origin(api: Api) -> None:
+    async with api.browser() as browser:
+        await api.login(browser, "alice")
+        cookie = ("Cookie", f"visiona_session={browser.cookies['visiona_session']}")
+    walked = 0
+    with trio.fail_after(STEP_TIMEOUT):
+        for path, _, _, websocket in _rules(api):
+            if not websocket:
+                continue
+            foreign = [cookie, ("Origin", "https://evil.test")]
+            refused = await websocket_handshake(_port(api), path, foreign)
+            assert refused.status == 403, path
+            assert json.loads(refused.body)["error"]["code"] == "CSRF_REJECTED"
+            walked += 1
+    assert walked >= 2
 
 
 async def test_unknown_paths_and_methods_answer_401_before_404(api: Api) -> None:

@@ -4,12 +4,16 @@ show up in a listing."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
-from support.apiserver import CSRF, Api
+import trio
+from support.apiserver import CSRF, STEP_TIMEOUT, Api
+from support.tunnelhttp import websocket_handshake
 
 from visiona_services.api_server import create_app
+from visiona_services.api_server.forwarding import forward_routes
 
 #: A body each unsafe route accepts when the thing is the caller's own.
 BODIES = {"PATCH": {"name": "renamed"}, "POST": {"name": "x"}, "PUT": {"name": "x"}}
@@ -57,6 +61,38 @@ async def test_every_route_naming_another_users_thing_answers_not_found(api: Api
     assert walked >= 7
     assert device.json()["data"]["name"] == "cam"
     assert cluster.json()["data"]["device_ids"] == [things["device_id"]]
+
+
+async def test_every_forwarded_route_naming_another_users_device_answers_not_found(
+    api: Api,
+) -> None:
+    port = int(api.url.rsplit(":", 1)[1])
+    answers: list[tuple[str, str, int, str]] = []
+    async with api.browser() as alice, api.browser() as bob:
+        await api.login(alice, "alice")
+        await api.login(bob, "bob")
+        device_id = (await _alice_things(api, alice))["device_id"]
+        handshake = [("Cookie", f"visiona_session={bob.cookies['visiona_session']}")]
+        handshake.append(("Origin", api.url))
+        namings = [(f"?device_id={device_id}", {}), ("", {"X-Device-ID": device_id})]
+        with trio.fail_after(STEP_TIMEOUT):
+            for route in forward_routes(api.config):
+                path = re.sub(r"<[^>]+>", "x", route.rule)
+                for query, named in namings:
+                    if route.kind == "websocket":
+                        headers = [*handshake, *named.items()]
+                        refused = await websocket_handshake(port, path + query, headers)
+                        code = json.loads(refused.body)["error"]["code"]
+                        answers.append(("WEBSOCKET", path + query, refused.status, code))
+                        continue
+                    for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
+                        response = await bob.request(
+                            method, path + query, headers={**CSRF, **named}
+                        )
+                        code = response.json()["error"]["code"]
+                        answers.append((method, path + query, response.status_code, code))
+    assert len(answers) >= 8 * 6
+    assert [a for a in answers if a[2:] != (404, "DEVICE_NOT_FOUND")] == []
 
 
 async def test_listings_show_only_the_callers_own(api: Api) -> None:
