@@ -49,7 +49,6 @@ from visiona_tunnel.httpstream import HttpResponse, forward_http
 from ..common.http import (
     ApiError,
     AsgiApp,
-    Message,
     Receive,
     Scope,
     Send,
@@ -59,7 +58,7 @@ from ..common.http import (
 )
 from ..common.http_forward import HttpUpstream, forward_asgi_http
 from ..common.internal_url import InternalUrl
-from ..common.request_body import LINGER_IDLE, RequestBody
+from ..common.raw_route import LINGER_IDLE, RequestBody, ResponseWatch
 from ..common.ws_forward import WebSocketUpstream, forward_asgi_websocket
 from .config import ApiConfig
 from .devices import resolve_device
@@ -195,22 +194,20 @@ class ForwardDispatcher:
         if not any(route.matches(scope) for route in self.routes):
             await self.app(scope, receive, send)
             return
-        answered = _Answered(send)
+        body: RequestBody | None = None
         if scope["type"] == "http":
-            body = RequestBody(receive)
-            try:
-                await self._forward(scope, body.receive, body.draining(answered.send))
-            except Exception:
-                logger.exception("forward failed unexpectedly")
-                await answered.fail(scope)
-            await body.drain(LINGER_IDLE)
-            return
-        await receive()  # websocket.connect
+            body = RequestBody(receive)  # ours to read, and to drain when unread
+            receive = body.receive
+        else:
+            await receive()  # websocket.connect
+        watch = ResponseWatch(send, body)
         try:
-            await self._forward(scope, receive, answered.send)
+            await self._forward(scope, receive, watch.send)
         except Exception:
             logger.exception("forward failed unexpectedly")
-            await answered.fail(scope)
+            await watch.fail(scope, _INTERNAL)
+        if body is not None:
+            await body.drain(LINGER_IDLE)
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         websocket = scope["type"] == "websocket"
@@ -302,32 +299,3 @@ class ForwardDispatcher:
         return await forward_http(
             nursery, stream, method, target, headers, body, host=self.proxy.netloc
         )
-
-
-class _Answered:
-    """Wraps ``send``, remembering whether an answer has begun, so that an unexpected
-    failure gets a 500 (or a close 1011) only where one can still go out."""
-
-    def __init__(self, send: Send) -> None:
-        self._send = send
-        self.started = False
-        self.accepted = False
-
-    async def send(self, message: Message) -> None:
-        kind = message["type"]
-        if kind in ("http.response.start", "websocket.http.response.start", "websocket.close"):
-            self.started = True
-        elif kind == "websocket.accept":
-            self.started = self.accepted = True
-        await self._send(message)
-
-    async def fail(self, scope: Scope) -> None:
-        try:
-            if self.accepted:
-                await self._send({"type": "websocket.close", "code": 1011})
-            elif not self.started and scope["type"] == "http":
-                await send_api_error(self._send, _INTERNAL)
-            elif not self.started:
-                await reject_websocket_api_error(scope, self._send, _INTERNAL)
-        except Exception:  # the server refused the message: it is over anyway
-            logger.debug("could not answer the failure", exc_info=True)

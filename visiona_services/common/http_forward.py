@@ -48,7 +48,7 @@ ends, discarding what is left of the body. hypercorn's queue of request messages
 bounded, and it blocks (inside our ``send()``) to report a disconnect when the queue is
 full: somebody must keep reading. The response's end (or the error answer) goes out after
 the watcher has stopped; the caller of :func:`forward_asgi_http` must then drain the rest
-of the body itself (:class:`~.request_body.RequestBody`: one reader at a time).
+of the body itself (:class:`~.raw_route.RequestBody`: one reader at a time).
 """
 
 from __future__ import annotations

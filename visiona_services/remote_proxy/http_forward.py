@@ -22,7 +22,7 @@ the tunnel broke mid-body                            the response ends abruptly 
 ==================================================  =========================================
 
 The response's end (or the error answer) goes out while the internal middleware drains the
-rest of the request body (:class:`visiona_services.common.request_body.RequestBody`).
+rest of the request body (:class:`visiona_services.common.raw_route.RequestBody`).
 """
 
 from __future__ import annotations

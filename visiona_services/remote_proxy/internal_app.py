@@ -71,7 +71,7 @@ from ..common.http import (
     send_error,
 )
 from ..common.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from ..common.request_body import LINGER_IDLE, RequestBody
+from ..common.raw_route import LINGER_IDLE, RequestBody, ResponseWatch
 from ..common.ws_forward import MAX_MESSAGE_SIZE
 from .config import ProxyConfig
 from .events import stream_events
@@ -181,41 +181,20 @@ RAW_ROUTES: tuple[RawRoute | RawEndpoint, ...] = (
 )
 
 
-class _ResponseWatch:
-    """Wraps ``send``: sets ``X-Request-ID`` on the response head (replacing a device's
-    own), remembers the status (for the access log, and to know whether an error can
-    still be answered), and drains an unread request ``body`` while the final response
-    message goes out (see :mod:`visiona_services.common.request_body`)."""
+class _ResponseWatch(ResponseWatch):
+    """:class:`ResponseWatch` that also sets ``X-Request-ID`` on the response head
+    (replacing a device's own); its status is the access log's."""
 
     def __init__(self, send: Send, request_id: str) -> None:
-        self._send = send
+        super().__init__(send)
         self._header = (b"X-Request-ID", request_id.encode())
-        self.status: int | None = None
-        self.accepted = False
-        self.body: RequestBody | None = None
-
-    def _with_request_id(self, message: Message) -> Message:
-        headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
-        return {**message, "headers": [*headers, self._header]}
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
-        if kind in ("http.response.start", "websocket.http.response.start"):
-            message = self._with_request_id(message)
-            self.status = int(message["status"])
-        elif kind == "websocket.accept":
-            message = self._with_request_id(message)
-            self.status, self.accepted = 101, True
-        elif kind == "websocket.close" and self.status is None:
-            self.status = 403  # hypercorn refuses the handshake
-        elif (
-            kind == "http.response.body"
-            and not message.get("more_body", False)
-            and self.body is not None
-        ):
-            await self.body.send_last(self._send, message)
-            return
-        await self._send(message)
+        if kind in ("http.response.start", "websocket.http.response.start", "websocket.accept"):
+            headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
+            message = {**message, "headers": [*headers, self._header]}
+        await super().send(message)
 
 
 class InternalMiddleware:
@@ -243,7 +222,7 @@ class InternalMiddleware:
                     await self._dispatch(scope, receive, watch)
                 except Exception:
                     logger.exception("unhandled error in %s", scope.get("path"))
-                    await self._answer_error(scope, watch)
+                    await watch.fail(scope, ApiError(500, "INTERNAL_ERROR", "internal error"))
                 if watch.body is not None:
                     await watch.body.drain(LINGER_IDLE)
             finally:
@@ -284,21 +263,6 @@ class InternalMiddleware:
             return
         await receive()  # websocket.connect
         await reject_websocket_error(scope, send, 401, "UNAUTHORIZED", message, [challenge])
-
-    async def _answer_error(self, scope: Scope, watch: _ResponseWatch) -> None:
-        """After a handler failed: a 500 if nothing was answered yet, else close."""
-        try:
-            if scope["type"] == "http":
-                if watch.status is None:
-                    await send_error(watch.send, 500, "INTERNAL_ERROR", "internal error")
-            elif watch.accepted:
-                await watch.send({"type": "websocket.close", "code": 1011})
-            elif watch.status is None:
-                await reject_websocket_error(
-                    scope, watch.send, 500, "INTERNAL_ERROR", "internal error"
-                )
-        except Exception:  # the server refused the message: it is over anyway
-            logger.debug("could not answer the error", exc_info=True)
 
 
 # -- the Quart routes -----------------------------------------------------------------------
