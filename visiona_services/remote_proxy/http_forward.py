@@ -39,14 +39,14 @@ from ..common.http import ApiError, Receive, Scope, Send, send_error
 from ..common.http_forward import ForwardHooks, HttpUpstream, forward_asgi_http
 from .state import ProxyMetrics, ProxyState
 
-__all__ = ["forward_http_request", "tunnel_failure"]
+__all__ = ["TUNNEL_TIMEOUT", "forward_http_request"]
 
 logger = logging.getLogger("visiona_services.remote_proxy.forward")
 
 TUNNEL_TIMEOUT = ApiError(504, "TUNNEL_TIMEOUT", "the device did not answer in time")
 
 
-def tunnel_failure(exc: Exception) -> ApiError | None:
+def _tunnel_failure(exc: Exception) -> ApiError | None:
     """The answer to a tunnel that failed before the response head (or the handshake)."""
     if isinstance(exc, ForwardError | yamux.StreamReset | yamux.StreamsExhausted):
         return ApiError(502, "TUNNEL_ERROR", "the tunnel failed before the response")
@@ -55,7 +55,7 @@ def tunnel_failure(exc: Exception) -> ApiError | None:
     return None
 
 
-def forward_hooks(metrics: ProxyMetrics) -> ForwardHooks:
+def _forward_hooks(metrics: ProxyMetrics) -> ForwardHooks:
     return ForwardHooks(
         head=metrics.forward_seconds.observe,
         request_bytes=metrics.forward_bytes_in.inc,
@@ -92,8 +92,8 @@ async def forward_http_request(
         open=open_exchange,
         timeout=state.config.forward_timeout,
         timeout_error=TUNNEL_TIMEOUT,
-        failure=tunnel_failure,
-        hooks=forward_hooks(metrics),
+        failure=_tunnel_failure,
+        hooks=_forward_hooks(metrics),
         log_extra={"device": tunnel.key},
         logger=logger,
     )
