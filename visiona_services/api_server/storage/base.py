@@ -64,7 +64,8 @@ MAX_TTL = 7 * 24 * 3600
 _SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\Z", re.ASCII)
 _PREFIX = re.compile(r"[A-Za-z0-9._/-]*\Z", re.ASCII)
 _METADATA_KEY = re.compile(r"[a-z0-9][a-z0-9-]{0,63}\Z", re.ASCII)
-_PRINTABLE = re.compile(r"[\x20-\x7e]*\Z", re.ASCII)
+# Printable ASCII without space at either end (HTTP header values lose it).
+_PRINTABLE = re.compile(r"([\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?)?\Z", re.ASCII)
 _CONTENT_TYPE = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(;[\x20-\x7e]*)?\Z")
 
 
@@ -189,7 +190,8 @@ def validate_metadata(content_type: str, metadata: Mapping[str, str]) -> dict[st
     """Checks what every backend can keep and returns the metadata as a plain dict:
     a content type ``type/subtype[; params]`` of printable ASCII (at most 255 bytes);
     metadata keys ``[a-z0-9][a-z0-9-]*`` (at most 64, lower case as S3 returns them, not
-    starting with ``visiona-``), values printable ASCII, all of it at most 2 KiB."""
+    starting with ``visiona-``), values printable ASCII (no space at either end), all of it
+    at most 2 KiB."""
     if (
         not isinstance(content_type, str)
         or len(content_type) > MAX_CONTENT_TYPE_BYTES

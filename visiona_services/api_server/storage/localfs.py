@@ -18,6 +18,7 @@ changes on disk meanwhile. Blocking calls run in worker threads (a ``CapacityLim
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -27,7 +28,7 @@ import secrets
 import stat as stat_module
 import struct
 import time
-from collections.abc import AsyncIterable, Callable, Generator, Sequence
+from collections.abc import AsyncIterable, Callable, Generator, Iterator, Sequence
 from contextlib import aclosing
 from datetime import UTC, datetime
 from pathlib import Path
@@ -166,11 +167,26 @@ class LocalFSStore(Store):
         temp = await self._run(self._create_temp)
         try:
             received = 0
+            # A pipeline: the next block is read from the stream (the network, for a route)
+            # while this one is hashed and written, each in a thread of its own (hashlib and
+            # os.write release the GIL). At most three blocks are in memory.
+            send, receive = trio.open_memory_channel[bytes](1)
+
+            async def write_blocks() -> None:
+                async with receive:
+                    async for block in receive:
+                        async with trio.open_nursery() as both:
+                            both.start_soon(self._run, digest.update, block)
+                            await self._run(_write_all, temp.fd, block)
+
             blocks = metered_blocks(stream, size, limit, self._chunk_size)
-            async with aclosing(blocks):
-                async for block in blocks:
-                    await self._run(_write_hashed, temp.fd, block, digest)
-                    received += len(block)
+            with _first_error():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(write_blocks)
+                    async with send, aclosing(blocks):
+                        async for block in blocks:
+                            received += len(block)
+                            await send.send(block)
             meta = {
                 "v": 1,
                 "size": received,
@@ -426,6 +442,30 @@ class _LocalReader(ObjectReader):
 # -- helpers ---------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _first_error() -> Iterator[None]:
+    """Trio's nurseries group errors; a Store raises its own (``ObjectTooLarge``, not an
+    ``ExceptionGroup`` holding one): the group's only error other than ``Cancelled``."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = list(_leaves(group))
+        errors = [error for error in leaves if not isinstance(error, trio.Cancelled)]
+        if len(errors) == 1:
+            raise errors[0] from errors[0].__cause__
+        if not errors and len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for error in group.exceptions:
+        if isinstance(error, BaseExceptionGroup):
+            yield from _leaves(error)
+        else:
+            yield error
+
+
 def _url(public_url: str, token: str) -> str:
     return f"{public_url.rstrip('/')}/storage/{token}"
 
@@ -528,11 +568,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
-
-
-def _write_hashed(fd: int, block: bytes, digest: Any) -> None:
-    digest.update(block)
-    _write_all(fd, block)
 
 
 def _close_all(fds: Sequence[int]) -> None:

@@ -136,6 +136,7 @@ async def test_metadata_outside_what_backends_keep_is_refused(store: Store) -> N
         ("no-slash", {}),
         ("text/plain", {"Upper": "x"}),
         ("text/plain", {"ok": "line\nbreak"}),
+        ("text/plain", {"ok": " padded"}),
         ("text/plain", {"visiona-sha256": "0" * 64}),
         ("text/plain", {"big": "x" * 3000}),
     ]:
