@@ -7,20 +7,28 @@ Waits are on events, presence and ``InFlight.wait_idle``, each bounded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import AsyncIterator
 
 import attrs
+import h11
 import httpx
 import pytest
 import trio
 from support.apiserver import CSRF, Api
-from support.data import pattern_body, pattern_sha256
+from support.data import pattern_body, pattern_pieces, pattern_sha256
 from support.devicepath import DevicePath, open_device_path
 from support.pyrelay import MEMORY_BOUND, traced_peak
 from support.system import System
-from support.tunnelhttp import MiB, hang_up_mid_download, http_request, websocket_handshake
+from support.tunnelhttp import (
+    MiB,
+    hang_up_mid_download,
+    http_exchange,
+    http_request,
+    websocket_handshake,
+)
 from trio_websocket import ConnectionClosed
 
 from visiona_services.common.inflight import InFlight
@@ -353,6 +361,30 @@ async def test_an_unsafe_forward_needs_the_csrf_header(path: DevicePath) -> None
     with trio.fail_after(TEST_TIMEOUT):
         response = await path.browser.post("/api/inference/echo", content=b"x")
     assert_error(response, 403, "CSRF_REJECTED")
+    assert path.local.app.requests == []
+
+
+async def test_a_refused_upload_gets_its_answer_then_the_connection_closes(
+    path: DevicePath,
+) -> None:
+    # Refused before its body was read (no X-CSRF): the answer still goes out, far more
+    # body than hypercorn's queue and the sockets hold notwithstanding, and then the
+    # connection closes (it cannot carry another request).
+    size = 64 * MiB
+    head = [*raw_headers(path), ("content-length", str(size))]
+    with trio.fail_after(TEST_TIMEOUT):
+        async with http_exchange(path.port) as exchange, trio.open_nursery() as nursery:
+
+            async def send_until_closed() -> None:
+                await exchange.send_request("POST", "/api/inference/echo", headers=head, end=False)
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    for piece in pattern_pieces(size):
+                        await exchange.send_body_piece(piece)
+
+            nursery.start_soon(send_until_closed)
+            response = await exchange.receive_whole_response()
+            assert isinstance(await exchange.next_event(), h11.ConnectionClosed)
+    assert response.status == 403
     assert path.local.app.requests == []
 
 
