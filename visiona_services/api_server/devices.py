@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import audit
@@ -100,7 +100,14 @@ def resolve_device(db: Session, *, user_id: str, named: str | None) -> str:
 
 
 def touch_last_seen(db: Session, *, device_ids: list[str], at: datetime) -> None:
-    """Tunnel events: the devices were seen at ``at`` (unknown ids are ignored)."""
-    for device in db.scalars(select(Device).where(Device.id.in_(device_ids))):
-        if device.last_seen_at is None or device.last_seen_at < at:
-            device.last_seen_at = at
+    """Tunnel events: the devices were seen at ``at`` (unknown ids, and devices unpaired
+    meanwhile, are simply not updated)."""
+    db.execute(
+        update(Device)
+        .where(
+            Device.id.in_(device_ids),
+            or_(Device.last_seen_at.is_(None), Device.last_seen_at < at),
+        )
+        .values(last_seen_at=at)
+        .execution_options(synchronize_session=False)
+    )

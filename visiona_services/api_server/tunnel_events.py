@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import trio
 from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from visiona_tunnel.backoff import backoff
@@ -52,9 +53,13 @@ async def follow_tunnel_events(
         try:
             if await _follow_once(services):
                 failures = 0
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, SQLAlchemyError) as exc:
+            # Never fatal: this task runs beside the server for the life of the process.
             logger.warning("the remote-proxy's event stream failed", extra={"error": str(exc)})
-        await _all_offline(services)
+        try:
+            await _all_offline(services)
+        except SQLAlchemyError as exc:
+            logger.warning("could not record devices going offline", extra={"error": str(exc)})
         failures += 1
         await trio.sleep(backoff(failures))
 
