@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -20,15 +21,19 @@ from visiona_services.api_server.server import listen
 
 SESSION_SECRET = "test-session-secret-0123456789abcdef0123456789"
 INTERNAL_SECRET = "test-internal-secret-0123456789abcdef012345678"
+STORAGE_SECRET = "test-storage-secret-0123456789abcdef0123456789"
 #: Bounds one step of a test (a login, a start, a stop).
 STEP_TIMEOUT = 20.0
 #: What every unsafe request of a logged-in browser carries.
 CSRF = {"X-CSRF": "1"}
 
 
-def base_config(database_url: str, **overrides: Any) -> ApiConfig:
-    """The api-server's configuration in tests (port and provider filled in later)."""
+def base_config(database_url: str, data_dir: Path, **overrides: Any) -> ApiConfig:
+    """The api-server's configuration in tests (port and provider filled in later); local
+    state (the model store) under ``data_dir``."""
     values: dict[str, Any] = {
+        "data_dir": str(data_dir),
+        "storage_signing_secret": STORAGE_SECRET,
         "host": "127.0.0.1",
         "port": 0,
         "database_url": database_url,

@@ -4,7 +4,7 @@ through the real flow (pairing token -> exchange -> device token) serving local 
 
 ::
 
-    async with open_system(nursery, database_url) as system:
+    async with open_system(nursery, database_url, tmp_path) as system:
         async with system.api.browser() as browser:
             await system.api.login(browser, "alice")
             device = await system.pair(browser, "cam")
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import attrs
 import httpx
@@ -137,10 +138,12 @@ async def _serve_proxy(
 
 
 @asynccontextmanager
-async def open_system(nursery: trio.Nursery, database_url: str) -> AsyncIterator[System]:
+async def open_system(
+    nursery: trio.Nursery, database_url: str, data_dir: Path
+) -> AsyncIterator[System]:
     """Start it all; stop the api-server and the remote-proxy after the block (the
     provider and agents end with ``nursery``)."""
-    sockets, api_url = bind(base_config(database_url))
+    sockets, api_url = bind(base_config(database_url, data_dir))
     async with trio.open_nursery() as proxy_nursery:
         config_of_proxy = proxy_config(api_url)
         done = trio.Event()
@@ -154,6 +157,7 @@ async def open_system(nursery: trio.Nursery, database_url: str) -> AsyncIterator
         tunnel_port = proxy.tunnel_urls[0].rsplit(":", 1)[1]
         config = base_config(
             database_url,
+            data_dir,
             public_url=api_url,
             oidc_issuer=provider.issuer,
             oidc_client_id=provider.client_id,

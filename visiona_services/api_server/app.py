@@ -1,7 +1,7 @@
 """``create_app``: the api-server's Quart-Trio app, with the rules of :mod:`.policy` on
 every route, the envelope on every error and :class:`.middleware.ApiMiddleware` outside;
-between the two, :class:`.forwarding.ForwardDispatcher` takes the paths forwarded to
-devices."""
+between the two, :class:`.storage_routes.StorageDispatcher` serves the local store's
+signed URLs and :class:`.forwarding.ForwardDispatcher` the paths forwarded to devices."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from .api import audit as audit_api
 from .api import auth as auth_api
 from .api import devices as devices_api
 from .api import events as events_api
+from .api import models as models_api
 from .api import pairing as pairing_api
 from .api import system as system_api
 from .errors import DomainError
@@ -31,6 +32,7 @@ from .forwarding import ForwardDispatcher
 from .middleware import ApiMiddleware
 from .policy import enforce
 from .services import ApiServices
+from .storage_routes import StorageDispatcher
 
 __all__ = ["create_app"]
 
@@ -65,11 +67,19 @@ def create_app(services: ApiServices) -> QuartTrio:
 
     app.before_request(enforce)
     app.before_websocket(enforce)
-    for routes in (auth_api, system_api, audit_api, pairing_api, devices_api, events_api):
+    for routes in (
+        auth_api,
+        system_api,
+        audit_api,
+        pairing_api,
+        devices_api,
+        events_api,
+        models_api,
+    ):
         routes.register(app)
     quart_app = cast(AsgiApp, app.asgi_app)  # hypercorn's TypedDicts are narrower
-    forwarding = ForwardDispatcher(services, quart_app)
-    app.asgi_app = ApiMiddleware(forwarding, services.config)  # type: ignore[method-assign,assignment]
+    raw_routes = StorageDispatcher(services, ForwardDispatcher(services, quart_app))
+    app.asgi_app = ApiMiddleware(raw_routes, services.config)  # type: ignore[method-assign,assignment]
     return app
 
 

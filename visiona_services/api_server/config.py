@@ -40,6 +40,7 @@ _GENERATED_SECRETS = {
     "internal_secret": "VISIONA_INTERNAL_SECRET",
 }
 DEV_SECRETS_FILE = "dev-secrets.env"
+STORAGE_BACKENDS = ("localfs", "s3")
 
 
 def _variable(attribute: attrs.Attribute[Any]) -> str:
@@ -344,6 +345,55 @@ class ApiConfig:
             "N/SECONDS per client address for back-channel logout",
         ),
     )
+    storage_backend: str = attrs.field(
+        default="localfs",
+        validator=_one_of(*STORAGE_BACKENDS),
+        metadata=env("VISIONA_STORAGE_BACKEND", "where model files are kept: localfs or s3"),
+    )
+    storage_signing_secret: str = attrs.field(
+        default="",
+        repr=False,
+        metadata=env(
+            "VISIONA_STORAGE_SIGNING_SECRET",
+            "signs the local store's upload and download URLs (required with localfs)",
+        ),
+    )
+    s3_endpoint: str = attrs.field(
+        default="",
+        metadata=env("VISIONA_S3_ENDPOINT", "http(s)://host[:port] of the S3 server (s3)"),
+    )
+    s3_bucket: str = attrs.field(
+        default="", metadata=env("VISIONA_S3_BUCKET", "the bucket (s3; created if missing)")
+    )
+    s3_region: str = attrs.field(
+        default="us-east-1", metadata=env("VISIONA_S3_REGION", "the SigV4 region (s3)")
+    )
+    s3_access_key: str = attrs.field(
+        default="", metadata=env("VISIONA_S3_ACCESS_KEY", "access key id (s3)")
+    )
+    s3_secret_key: str = attrs.field(
+        default="",
+        repr=False,
+        metadata=env("VISIONA_S3_SECRET_KEY", "secret access key (s3)"),
+    )
+    model_max_size_mb: int = attrs.field(
+        default=100,
+        validator=_port,
+        metadata=env("VISIONA_MODEL_MAX_SIZE_MB", "the largest model file, in MB (10^6 bytes)"),
+    )
+    model_upload_ttl: float = attrs.field(
+        default=3600.0,
+        validator=_positive,
+        metadata=env(
+            "VISIONA_MODEL_UPLOAD_TTL",
+            "seconds an upload URL is valid; a model not finalized by then is swept away",
+        ),
+    )
+    model_sweep_interval: float = attrs.field(
+        default=300.0,
+        validator=_positive,
+        metadata=env("VISIONA_MODEL_SWEEP_INTERVAL", "seconds between sweeps of stale uploads"),
+    )
     db_threads: int = attrs.field(
         default=8,
         validator=_port,
@@ -379,6 +429,14 @@ class ApiConfig:
         return frozenset(origin_of(item) for item in _split(self.cors_allowed_origins))
 
     @property
+    def model_max_size(self) -> int:
+        return self.model_max_size_mb * 1_000_000
+
+    @property
+    def objects_dir(self) -> Path:
+        return Path(self.data_dir).resolve() / "objects"
+
+    @property
     def forwarded_prefixes(self) -> tuple[str, ...]:
         return tuple(_split(self.forward_prefixes))
 
@@ -405,7 +463,10 @@ class ApiConfig:
         """Check the secrets; in dev, complete the missing ones (see the module doc)."""
         generated: dict[str, str] = {}
         config = self
-        for field, variable in _GENERATED_SECRETS.items():
+        required = dict(_GENERATED_SECRETS)
+        if self.storage_backend == "localfs":
+            required["storage_signing_secret"] = "VISIONA_STORAGE_SIGNING_SECRET"
+        for field, variable in required.items():
             value: str = getattr(config, field)
             if value and (config.is_dev or not _weak_secret(value)):
                 continue
@@ -417,10 +478,18 @@ class ApiConfig:
                 )
             generated[variable] = _dev_secret(Path(config.data_dir), variable)
             config = attrs.evolve(config, **{field: generated[variable]})  # type: ignore[arg-type]
-        if not config.is_dev and config.session_secret == config.internal_secret:
-            raise ConfigError(
-                "VISIONA_SESSION_SECRET and VISIONA_INTERNAL_SECRET must differ in production"
-            )
+        values = [getattr(config, field) for field in required]
+        if not config.is_dev and len(set(values)) < len(values):
+            names = " and ".join(required.values())
+            raise ConfigError(f"{names} must all differ in production")
+        if config.storage_backend == "s3":
+            for variable, value in (
+                ("VISIONA_S3_BUCKET", config.s3_bucket),
+                ("VISIONA_S3_ACCESS_KEY", config.s3_access_key),
+                ("VISIONA_S3_SECRET_KEY", config.s3_secret_key),
+            ):
+                if not value:
+                    raise ConfigError(f"{variable} is required with VISIONA_STORAGE_BACKEND=s3")
         return config, generated
 
     def require_oidc(self) -> None:

@@ -18,6 +18,7 @@ from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
+from .api.models import sweep_forever
 from .app import create_app
 from .config import ApiConfig
 from .services import ApiServices, open_services
@@ -88,6 +89,7 @@ async def serve_api_server(
     stopping = trio.Event()
     async with open_services(config) as services, trio.open_nursery() as background:
         background.start_soon(follow_tunnel_events, services)
+        background.start_soon(sweep_forever, services)
         async with trio.open_nursery() as server:
             urls = await server.start(
                 lambda task_status: worker_serve(

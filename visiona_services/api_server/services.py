@@ -1,6 +1,6 @@
 """What the routes use, built once per process: configuration, database, OIDC client,
-outgoing HTTP, rate limiter. :func:`open_services` owns them (an async context manager:
-the HTTP client and the database close when it ends)."""
+outgoing HTTP, rate limiter, the model Store. :func:`open_services` owns them (an async
+context manager: the HTTP client and the database close when it ends)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from .db import Database
 from .presence import Presence
 from .ratelimit import RateLimiter
 from .realtime import Broker
+from .storage import LocalFSStore, S3Store, Store
 
 __all__ = ["ApiServices", "current_services", "open_services"]
 
@@ -38,6 +39,8 @@ class ApiServices:
     http: httpx.AsyncClient
     limiter: RateLimiter
     session_policy: SessionPolicy
+    #: Where model files are kept (``VISIONA_STORAGE_BACKEND``).
+    store: Store
     presence: Presence = attrs.field(factory=Presence)
     broker: Broker = attrs.field(factory=Broker)
     #: Forwards to devices running now (:mod:`.forwarding`).
@@ -58,6 +61,22 @@ class ApiServices:
 
     def install(self, app: quart.Quart) -> None:
         app.extensions[_EXTENSION] = self
+
+
+async def open_store(config: ApiConfig, http: httpx.AsyncClient) -> Store:
+    """The configured Store: LocalFS under the data dir, or S3 (its bucket made if missing)."""
+    if config.storage_backend == "s3":
+        store = S3Store(
+            config.s3_endpoint,
+            config.s3_bucket,
+            config.s3_region,
+            config.s3_access_key,
+            config.s3_secret_key,
+            http,
+        )
+        await store.ensure_bucket()
+        return store
+    return LocalFSStore(config.objects_dir, signing_secret=config.storage_signing_secret)
 
 
 def current_services() -> ApiServices:
@@ -88,6 +107,7 @@ async def open_services(config: ApiConfig, *, migrate: bool = True) -> AsyncIter
                 max_age=timedelta(seconds=config.session_max_age),
                 login_timeout=timedelta(seconds=config.login_timeout),
             )
-            yield ApiServices(config, db, oidc, http, RateLimiter(), policy)
+            store = await open_store(config, http)
+            yield ApiServices(config, db, oidc, http, RateLimiter(), policy, store)
     finally:
         db.dispose()

@@ -4,7 +4,7 @@ and the api-server served for real between them (``support.apiserver``)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +13,11 @@ import pytest
 import trio
 from hypercorn.config import Sockets
 from support.apiserver import Api, FakeClock, base_config, bind, running_api
+from support.missing import missing
 from support.oidcprovider import RunningProvider, start_oidc_provider
 from support.postgres import create_database
+from support.rclone import INSTALL_HINT as RCLONE_HINT
+from support.rclone import RcloneS3, find_rclone, rclone_serve_s3
 from support.system import System, open_system
 
 from visiona_services.api_server import ApiConfig
@@ -40,8 +43,10 @@ class Stack:
     provider: RunningProvider
 
 
-async def start_stack(nursery: trio.Nursery, database_url: str, **overrides: Any) -> Stack:
-    sockets, url = bind(base_config(database_url))
+async def start_stack(
+    nursery: trio.Nursery, database_url: str, data_dir: Path, **overrides: Any
+) -> Stack:
+    sockets, url = bind(base_config(database_url, data_dir))
     provider = await start_oidc_provider(
         nursery,
         redirect_uris=[f"{url}/api/auth/callback"],
@@ -50,6 +55,7 @@ async def start_stack(nursery: trio.Nursery, database_url: str, **overrides: Any
     )
     config = base_config(
         database_url,
+        data_dir,
         public_url=url,
         oidc_issuer=provider.issuer,
         oidc_client_id=provider.client_id,
@@ -59,8 +65,8 @@ async def start_stack(nursery: trio.Nursery, database_url: str, **overrides: Any
 
 
 @pytest.fixture
-async def stack(nursery: trio.Nursery, database_url: str) -> Stack:
-    return await start_stack(nursery, database_url)
+async def stack(nursery: trio.Nursery, database_url: str, tmp_path: Path) -> Stack:
+    return await start_stack(nursery, database_url, tmp_path)
 
 
 @pytest.fixture
@@ -73,8 +79,19 @@ async def api(stack: Stack) -> AsyncIterator[Api]:
 
 
 @pytest.fixture
-async def system(nursery: trio.Nursery, database_url: str) -> AsyncIterator[System]:
+async def system(nursery: trio.Nursery, database_url: str, tmp_path: Path) -> AsyncIterator[System]:
     """The remote-proxy, the api-server and the dev provider wired together
     (``support.system``); pair devices and start agents with it."""
-    async with open_system(nursery, database_url) as running:
+    async with open_system(nursery, database_url, tmp_path) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def rclone_s3() -> Iterator[RcloneS3]:
+    """``rclone serve s3`` for the run (``support.rclone``): an S3 server that checks
+    signatures. Without rclone the test skips (with ``CI=true``: fails)."""
+    binary, reason = find_rclone()
+    if binary is None:
+        missing(f"the S3 tests need rclone >= 1.65 ({reason})", RCLONE_HINT)
+    with rclone_serve_s3(binary) as server:
+        yield server

@@ -40,6 +40,7 @@ def _environ(tmp_path: Path, **more: str) -> dict[str, str]:
         "VISIONA_DATA_DIR": str(tmp_path),
         "VISIONA_SESSION_SECRET": STRONG,
         "VISIONA_INTERNAL_SECRET": STRONG + "2",
+        "VISIONA_STORAGE_SIGNING_SECRET": STRONG + "3",
         "VISIONA_OIDC_ISSUER": "http://127.0.0.1:9",
         "VISIONA_OIDC_CLIENT_ID": "visiona-web",
         **more,

@@ -12,7 +12,11 @@ from visiona_services.api_server.config import ApiConfig, ConfigError
 from visiona_services.api_server.ratelimit import client_key
 
 STRONG = "x7Gq2-strong-secret-value-0123456789abcdef"
-GOOD = {"VISIONA_SESSION_SECRET": STRONG, "VISIONA_INTERNAL_SECRET": STRONG + "2"}
+GOOD = {
+    "VISIONA_SESSION_SECRET": STRONG,
+    "VISIONA_INTERNAL_SECRET": STRONG + "2",
+    "VISIONA_STORAGE_SIGNING_SECRET": STRONG + "3",
+}
 
 
 def test_defaults_are_the_documented_ones(tmp_path: Path) -> None:
@@ -66,7 +70,7 @@ def test_production_refuses_missing_or_known_secrets(variable: str, value: str) 
 
 
 def test_production_refuses_one_secret_for_both_uses() -> None:
-    with pytest.raises(ConfigError, match="must differ"):
+    with pytest.raises(ConfigError, match="must all differ"):
         ApiConfig.from_env({**GOOD, "VISIONA_INTERNAL_SECRET": STRONG})
 
 
@@ -80,7 +84,11 @@ def test_trusted_proxies_must_be_addresses_or_networks() -> None:
 def test_dev_generates_missing_secrets_keeps_them_private_and_reuses_them(tmp_path: Path) -> None:
     environ = {"VISIONA_ENV": "dev", "VISIONA_DATA_DIR": str(tmp_path)}
     config, generated = ApiConfig.from_env(environ)
-    assert set(generated) == {"VISIONA_SESSION_SECRET", "VISIONA_INTERNAL_SECRET"}
+    assert set(generated) == {
+        "VISIONA_SESSION_SECRET",
+        "VISIONA_INTERNAL_SECRET",
+        "VISIONA_STORAGE_SIGNING_SECRET",
+    }
     assert config.session_secret == generated["VISIONA_SESSION_SECRET"]
     assert len(config.session_secret) >= 32
     kept = tmp_path / "dev-secrets.env"

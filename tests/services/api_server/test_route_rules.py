@@ -7,6 +7,7 @@ import functools
 import json
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -28,6 +29,7 @@ from visiona_services.api_server.policy import (
     internal,
     public,
 )
+from visiona_services.api_server.storage_routes import STORAGE_METHODS, STORAGE_RULE
 
 from .conftest import start_stack
 
@@ -38,6 +40,7 @@ PUBLIC_ROUTES = {
     "/api/auth/callback",
     "/api/auth/backchannel-logout",
     "/api/pairing/exchange",
+    "/storage/x",  # the signed URL is the authority (test_models)
 }
 
 
@@ -60,6 +63,8 @@ def _rules(api: Api) -> list[tuple[str, str, Access, bool]]:
         methods = sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}) or ["GET"]
         for method in methods:
             found.append((_concrete(rule.rule), method, access, bool(rule.websocket)))
+    for method in STORAGE_METHODS:
+        found.append((_concrete(STORAGE_RULE), method, Access.PUBLIC, False))
     for route in forward_routes(api.config):
         websocket = route.kind == "websocket"
         for method in ["GET"] if websocket else FORWARD_METHODS:
@@ -231,8 +236,8 @@ FRONTEND = "http://app.test:3000"
 
 
 @pytest.fixture
-async def cors_api(nursery: trio.Nursery, database_url: str) -> AsyncIterator[Api]:
-    stack = await start_stack(nursery, database_url, cors_allowed_origins=FRONTEND)
+async def cors_api(nursery: trio.Nursery, database_url: str, tmp_path: Path) -> AsyncIterator[Api]:
+    stack = await start_stack(nursery, database_url, tmp_path, cors_allowed_origins=FRONTEND)
     async with running_api(stack.config, stack.sockets, stack.url, stack.provider) as api:
         yield api
 
@@ -280,8 +285,10 @@ async def test_an_allowed_origin_may_make_unsafe_calls(cors_api: Api) -> None:
 # -- rate limits ----------------------------------------------------------------------------
 
 
-async def test_login_is_rate_limited_per_address(nursery: trio.Nursery, database_url: str) -> None:
-    stack = await start_stack(nursery, database_url, rate_limit_login="3/60")
+async def test_login_is_rate_limited_per_address(
+    nursery: trio.Nursery, database_url: str, tmp_path: Path
+) -> None:
+    stack = await start_stack(nursery, database_url, tmp_path, rate_limit_login="3/60")
     async with running_api(stack.config, stack.sockets, stack.url, stack.provider) as api:
         async with api.browser() as browser:
             statuses = [(await browser.get("/api/auth/login")).status_code for _ in range(3)]
@@ -391,10 +398,10 @@ async def test_an_internal_route_without_its_marker_still_needs_the_secret(
 
 
 async def test_a_trusted_proxy_names_the_client_for_limits_and_audit(
-    nursery: trio.Nursery, database_url: str
+    nursery: trio.Nursery, database_url: str, tmp_path: Path
 ) -> None:
     stack = await start_stack(
-        nursery, database_url, trusted_proxies="127.0.0.1", rate_limit_login="1/60"
+        nursery, database_url, tmp_path, trusted_proxies="127.0.0.1", rate_limit_login="1/60"
     )
     async with running_api(stack.config, stack.sockets, stack.url, stack.provider) as api:
         async with api.browser() as browser:

@@ -30,10 +30,16 @@ async def _alice_things(api: Api, alice: httpx.AsyncClient) -> dict[str, str]:
     cluster = await alice.post(
         "/api/clusters", json={"name": "kitchen", "device_ids": [device_id]}, headers=CSRF
     )
+    model = await alice.post(
+        "/api/models/init",
+        json={"name": "yolo", "filename": "yolo.onnx", "size": 10},
+        headers=CSRF,
+    )
     return {
         "token_id": second.json()["data"]["id"],
         "device_id": device_id,
         "cluster_id": cluster.json()["data"]["id"],
+        "model_id": model.json()["data"]["model_id"],
     }
 
 
@@ -58,7 +64,9 @@ async def test_every_route_naming_another_users_thing_answers_not_found(api: Api
         # alice's things are untouched and still hers
         device = await alice.get(f"/api/devices/{things['device_id']}")
         cluster = await alice.get(f"/api/clusters/{things['cluster_id']}")
-    assert walked >= 7
+        model = await alice.get(f"/api/models/{things['model_id']}")
+    assert walked >= 10
+    assert model.json()["data"]["status"] == "pending"
     assert device.json()["data"]["name"] == "cam"
     assert cluster.json()["data"]["device_ids"] == [things["device_id"]]
 
@@ -102,6 +110,7 @@ async def test_listings_show_only_the_callers_own(api: Api) -> None:
         await _alice_things(api, alice)
         for path in ("/api/devices", "/api/pairing/tokens", "/api/clusters"):
             assert (await bob.get(path)).json()["data"] == [], path
+        assert (await bob.get("/api/models")).json()["data"]["models"] == []
         status = (await bob.get("/api/pairing/status")).json()["data"]
     assert status == {"connected": False, "devices": []}
 

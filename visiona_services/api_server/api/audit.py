@@ -18,7 +18,7 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 200
 
 
-def _int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
+def int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
     text = quart.request.args.get(name)
     if text is None:
         return default
@@ -34,8 +34,8 @@ def _int_arg(name: str, default: int | None, low: int, high: int) -> int | None:
 def register(app: QuartTrio) -> None:
     @app.get("/api/audit")
     async def list_audit() -> quart.Response:
-        limit = _int_arg("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-        before = _int_arg("before", None, 1, 2**63 - 1)
+        limit = int_arg("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+        before = int_arg("before", None, 1, 2**63 - 1)
         user = principal()
         page = await current_services().db.run(
             functools.partial(list_events, user_id=user.user_id, limit=limit or 1, before=before)

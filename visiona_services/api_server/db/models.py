@@ -33,6 +33,7 @@ __all__ = [
     "Device",
     "DeviceToken",
     "LoginSession",
+    "Model",
     "PairingToken",
     "PendingLogin",
     "User",
@@ -202,3 +203,28 @@ class ClusterMember(Base):
     device_id: Mapped[str] = mapped_column(
         ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True, index=True
     )
+
+
+class Model(Base):
+    """An AI model file a user uploads for their devices: pending until its upload is
+    finalized, then ready. The bytes are in the Store under :attr:`object_key`."""
+
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    user_id: Mapped[str] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    filename: Mapped[str] = mapped_column(String(255))
+    #: The size declared at init; the upload must match it exactly.
+    size: Mapped[int] = mapped_column(BigInteger)
+    content_type: Mapped[str] = mapped_column(String(255))
+    #: The sha256 the user declared at init (checked at finalize), if any.
+    declared_sha256: Mapped[str | None] = mapped_column(String(64))
+    #: The sha256 of the uploaded bytes (set at finalize).
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    object_key: Mapped[str] = mapped_column(String(1024))
+    created_at: Mapped[datetime]
+    #: A pending upload not finalized by then is swept away with its object.
+    upload_expires_at: Mapped[datetime] = mapped_column(index=True)
+    finalized_at: Mapped[datetime | None]

@@ -10,21 +10,17 @@ the S3 tests skip, saying so; with ``CI=true`` they fail.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import attrs
 import httpx
 import pytest
-from support.missing import missing
 from support.rclone import (
     ACCESS_KEY,
-    INSTALL_HINT,
     REGION,
     SECRET_KEY,
     RcloneS3,
-    find_rclone,
-    rclone_serve_s3,
 )
 
 from visiona_services.api_server.storage import LocalFSStore, S3Store, Store
@@ -32,15 +28,6 @@ from visiona_services.api_server.storage import LocalFSStore, S3Store, Store
 __all__ = ["ACCESS_KEY", "REGION", "SECRET_KEY", "SIGNING_SECRET", "RcloneS3", "new_bucket"]
 
 SIGNING_SECRET = "test-storage-signing-secret-0123456789abcdef"
-
-
-@pytest.fixture(scope="session")
-def rclone_s3() -> Iterator[RcloneS3]:
-    binary, reason = find_rclone()
-    if binary is None:
-        missing(f"the S3 tests need rclone >= 1.65 ({reason})", INSTALL_HINT)
-    with rclone_serve_s3(binary) as server:
-        yield server
 
 
 @pytest.fixture
