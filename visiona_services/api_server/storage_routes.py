@@ -50,6 +50,7 @@ from .storage import (
     ByteRange,
     IncompleteUpload,
     LocalFSStore,
+    ObjectTooLarge,
     RangeNotSatisfiable,
     SignedRequest,
     SignedUrlError,
@@ -143,6 +144,8 @@ class StorageDispatcher:
             return
         except IncompleteUpload as exc:
             raise ApiError(400, "UPLOAD_INCOMPLETE", str(exc)) from None
+        except ObjectTooLarge:
+            raise ApiError(413, "PAYLOAD_TOO_LARGE", f"at most {signed.max_size} bytes") from None
         except StoreError as exc:
             raise ApiError(exc.status, exc.code, str(exc)) from None
         etag = f'"{info.etag}"'.encode()

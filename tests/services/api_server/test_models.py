@@ -120,8 +120,35 @@ async def test_more_bytes_than_signed_are_refused_and_nothing_kept(api: Api) -> 
         refused = await _upload(upload, _body(1001))
         finalized = await browser.post(f"/api/models/{upload['model_id']}/finalize", headers=CSRF)
     assert refused.status_code == 413
+    assert refused.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
     assert finalized.status_code == 409
     assert finalized.json()["error"]["code"] == "UPLOAD_INCOMPLETE"
+
+
+async def test_a_chunked_upload_over_the_signed_size_is_cut_off(api: Api) -> None:
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: checked as it streams
+        for _ in range(4):
+            yield _body(400)
+
+    async with api.browser() as browser:
+        await _logged_in(api, browser)
+        upload = await _init(browser, 1000)
+        async with httpx.AsyncClient() as uploader:
+            refused = await uploader.put(
+                upload["upload_url"], content=chunks(), headers=upload["upload_headers"]
+            )
+    assert refused.status_code == 413
+    assert refused.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    assert (await api.server.services.store.list("models/")).items == []
+
+
+async def test_a_storage_url_that_is_not_ours_is_refused(api: Api) -> None:
+    async with api.browser() as anyone:
+        garbage = await anyone.get("/storage/v1.garbage.garbage")
+        wrong_method = await anyone.delete("/storage/v1.garbage.garbage")
+    assert garbage.status_code == 403
+    assert garbage.json()["error"]["code"] == "SIGNATURE_INVALID"
+    assert wrong_method.status_code == 405
 
 
 async def test_an_upload_cut_short_leaves_nothing(api: Api) -> None:
