@@ -66,7 +66,9 @@ async def test_make_run_shows_the_demo_users_device_online_and_stops_on_ctrl_c(
                 callback = await login_at_provider(browser, start.headers["location"], "demo")
                 devices = await browser.get(callback, follow_redirects=True)
                 health = await browser.get(f"http://127.0.0.1:{api}/api/system/health")
+                cameras = await browser.get(f"http://127.0.0.1:{api}/api/cameras/")
             [device] = devices.json()["data"]
+            assert cameras.json()[0]["name"] == "Demo camera"  # the device's own server
             assert (device["name"], device["online"]) == ("demo device", True)
             assert health.json()["data"]["status"] == "ok"
             process.send_signal(signal.SIGINT)
