@@ -782,6 +782,15 @@ async def test_an_unknown_log_level_is_one_line_and_exit_2() -> None:
     assert "--log-level" in done.stderr and "debug, info, warning" in done.stderr
 
 
+async def test_an_unknown_log_level_variable_is_one_line_and_exit_2_naming_it() -> None:
+    args = ["--relay-url", "ws://127.0.0.1:9/t", "--local", "127.0.0.1:8080"]
+    environ = {"VISIONA_AGENT_TOKEN": "sekrit-token", "VISIONA_LOG_LEVEL": "loud"}
+    with trio.fail_after(PROCESS_TEST_TIMEOUT):
+        done = await run_agent_to_exit(args, environ)
+    is_one_line_and_exit_2(done, "sekrit-token")
+    assert "VISIONA_LOG_LEVEL" in done.stderr and "--log-level" not in done.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

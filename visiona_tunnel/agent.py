@@ -95,9 +95,10 @@ class AgentExit(Exception):
 # -- arguments --------------------------------------------------------------------------------
 
 
-class _ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line (no usage block) and never echoes values
-    it does not know (one might be a token)."""
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (no usage block), exit code 2, and never
+    echoes values it does not know (one might be a token). The services' console scripts
+    use it too."""
 
     def error(self, message: str) -> NoReturn:
         prefix = "unrecognized arguments: "
@@ -150,7 +151,7 @@ def parse_log_level(value: str) -> str:
 
 def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     env = os.environ if environ is None else environ
-    parser = _ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="visiona-agent",
         description=(__doc__ or "").split("\n")[0],
         epilog="See docs/agent.md: the credentials file, the exit codes.",
@@ -182,10 +183,28 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     parser.add_argument(
         "--log-level",
         type=parse_log_level,
-        default=env.get(LOG_LEVEL_ENV, "info"),
         help=f"{', '.join(LOG_LEVELS)} (default: ${LOG_LEVEL_ENV} or info)",
     )
     return parser
+
+
+def parse_arguments(
+    argv: list[str] | None = None, environ: Mapping[str, str] | None = None
+) -> argparse.Namespace:
+    """The arguments, ``--log-level`` defaulting to ``$VISIONA_LOG_LEVEL`` (or ``info``).
+
+    A bad argument, or a bad ``VISIONA_LOG_LEVEL`` (named as such), is one line on stderr
+    and exit code 2.
+    """
+    env = os.environ if environ is None else environ
+    parser = build_parser(env)
+    args = parser.parse_args(argv)
+    if args.log_level is None:
+        try:
+            args.log_level = parse_log_level(env.get(LOG_LEVEL_ENV, "info"))
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"{LOG_LEVEL_ENV}: {exc}")
+    return args
 
 
 # -- what to do -------------------------------------------------------------------------------
@@ -394,7 +413,7 @@ async def run(plan: Connect | Pair, local: tuple[str, int], config: ClientConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_arguments(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLineFormatter())
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler], force=True)
