@@ -6,7 +6,7 @@ does not parse fails at start with a :class:`ConfigError` naming the variable.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import attrs
@@ -27,6 +27,23 @@ def env(name: str, help: str = "") -> dict[str, str]:
     """Field metadata naming the environment variable a field is read from (and what it
     means, for ``--help``)."""
     return {_ENV_KEY: name, _HELP_KEY: help}
+
+
+#: ``VISIONA_LOG_LEVEL``'s values (as :mod:`logging` names them, in lower case).
+LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
+
+
+def one_of(*choices: str) -> Callable[[object, attrs.Attribute[str], str], None]:
+    """An attrs validator: the value, in lower case, is one of ``choices`` (the error names
+    the variable)."""
+
+    def check(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+        if value.lower() not in choices:
+            variable = attribute.metadata.get(_ENV_KEY, attribute.name)
+            expected = ", ".join(choices)
+            raise ValueError(f"{variable}: expected one of {expected}; got {value!r}")
+
+    return check
 
 
 def describe_variables(cls: type[Any]) -> str:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import attrs
 
-from ..common.envconfig import ConfigError, env, load
+from ..common.envconfig import LOG_LEVELS, ConfigError, env, load, one_of
 from ..common.internal_url import InternalUrl
 
 logger = logging.getLogger("visiona_services.remote_proxy")
@@ -59,46 +59,112 @@ def parse_static_tokens(text: str) -> dict[str, str]:
     return tokens
 
 
+#: ``VISIONA_ENV``'s values: the first two allow a generated internal secret.
+DEV_ENVIRONMENTS = ("dev", "development")
+ENVIRONMENTS = (*DEV_ENVIRONMENTS, "production")
+
+
 @attrs.frozen(kw_only=True)
 class ProxyConfig:
-    tunnel_host: str = attrs.field(default="0.0.0.0", metadata=env("VISIONA_TUNNEL_HOST"))
+    tunnel_host: str = attrs.field(
+        default="0.0.0.0",
+        metadata=env("VISIONA_TUNNEL_HOST", "address of the agents' tunnel listener"),
+    )
     tunnel_port: int = attrs.field(
-        default=3800, validator=_port, metadata=env("VISIONA_TUNNEL_PORT")
+        default=3800,
+        validator=_port,
+        metadata=env("VISIONA_TUNNEL_PORT", "port of the agents' tunnel listener"),
     )
     #: Which server runs the tunnel listener: ``raw`` (ours) or ``hypercorn``.
     tunnel_server: str = attrs.field(
-        default="raw", validator=_tunnel_server, metadata=env("VISIONA_TUNNEL_SERVER")
+        default="raw",
+        validator=_tunnel_server,
+        metadata=env(
+            "VISIONA_TUNNEL_SERVER",
+            "the tunnel listener's server: raw (h11 + wsproto on trio sockets) or hypercorn",
+        ),
     )
     internal_host: str = attrs.field(
-        default="127.0.0.1", metadata=env("VISIONA_PROXY_INTERNAL_HOST")
+        default="127.0.0.1",
+        metadata=env(
+            "VISIONA_PROXY_INTERNAL_HOST", "address of the internal API (api-server only)"
+        ),
     )
     internal_port: int = attrs.field(
-        default=3801, validator=_port, metadata=env("VISIONA_PROXY_INTERNAL_PORT")
+        default=3801,
+        validator=_port,
+        metadata=env("VISIONA_PROXY_INTERNAL_PORT", "port of the internal API"),
     )
     #: Shared secret of the internal API (``Authorization: Bearer <secret>``).
-    internal_secret: str = attrs.field(default="", metadata=env("VISIONA_INTERNAL_SECRET"))
+    internal_secret: str = attrs.field(
+        default="",
+        repr=False,
+        metadata=env(
+            "VISIONA_INTERNAL_SECRET",
+            "required: Authorization: Bearer of the internal API and of the token checks "
+            "at the api-server (the api-server's own VISIONA_INTERNAL_SECRET)",
+        ),
+    )
     #: ``dev`` allows a generated internal secret; anything else requires one.
-    environment: str = attrs.field(default="production", metadata=env("VISIONA_ENV"))
+    environment: str = attrs.field(
+        default="production",
+        validator=one_of(*ENVIRONMENTS),
+        metadata=env(
+            "VISIONA_ENV", "production, or dev (generates a missing secret and prints it once)"
+        ),
+    )
     #: ``tokenA=device-1,tokenB=device-2``: device tokens for standalone use.
-    static_tokens: str = attrs.field(default="", metadata=env("VISIONA_PROXY_STATIC_TOKENS"))
+    static_tokens: str = attrs.field(
+        default="",
+        repr=False,
+        metadata=env(
+            "VISIONA_PROXY_STATIC_TOKENS",
+            "tokenA=device-1,tokenB=device-2: the device tokens when no api-server checks them",
+        ),
+    )
     #: The api-server's internal base URL, to verify device tokens
     #: (``POST {url}/internal/devices/verify``).
     api_internal_url: str = attrs.field(
-        default="", validator=_api_url, metadata=env("VISIONA_API_INTERNAL_URL")
+        default="",
+        validator=_api_url,
+        metadata=env(
+            "VISIONA_API_INTERNAL_URL",
+            "the api-server's internal base URL, http://host[:port][/prefix]; set, it checks "
+            "the device tokens",
+        ),
     )
-    log_level: str = attrs.field(default="info", metadata=env("VISIONA_LOG_LEVEL"))
+    log_level: str = attrs.field(
+        default="info",
+        validator=one_of(*LOG_LEVELS),
+        metadata=env("VISIONA_LOG_LEVEL", ", ".join(LOG_LEVELS)),
+    )
     #: A forwarded request whose response head takes longer than this gets 504.
     forward_timeout: float = attrs.field(
-        default=30.0, validator=_positive, metadata=env("VISIONA_PROXY_FORWARD_TIMEOUT")
+        default=30.0,
+        validator=_positive,
+        metadata=env(
+            "VISIONA_PROXY_FORWARD_TIMEOUT",
+            "seconds an agent has for a response head, else 504 TUNNEL_TIMEOUT",
+        ),
     )
     #: On SIGTERM, how long in-flight forwards may take to finish.
     shutdown_grace: float = attrs.field(
-        default=20.0, validator=_positive, metadata=env("VISIONA_PROXY_SHUTDOWN_GRACE")
+        default=20.0,
+        validator=_positive,
+        metadata=env("VISIONA_PROXY_SHUTDOWN_GRACE", "seconds in-flight forwards get on shutdown"),
     )
     #: Seconds between the heartbeat lines of ``GET /internal/events``.
     events_heartbeat: float = attrs.field(
-        default=5.0, validator=_positive, metadata=env("VISIONA_PROXY_EVENTS_HEARTBEAT")
+        default=5.0,
+        validator=_positive,
+        metadata=env(
+            "VISIONA_PROXY_EVENTS_HEARTBEAT",
+            "seconds between the heartbeat lines of GET /internal/events",
+        ),
     )
+    #: Set by :meth:`from_env` when it generated :attr:`internal_secret` (``VISIONA_ENV=dev``):
+    #: the console script prints it once.
+    secret_generated: bool = attrs.field(default=False, repr=False)
 
     @property
     def tokens(self) -> dict[str, str]:
@@ -106,7 +172,7 @@ class ProxyConfig:
 
     @property
     def is_dev(self) -> bool:
-        return self.environment.lower() in ("dev", "development")
+        return self.environment.lower() in DEV_ENVIRONMENTS
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ProxyConfig:
@@ -125,6 +191,7 @@ class ProxyConfig:
                 raise ConfigError(
                     "VISIONA_INTERNAL_SECRET is required (or set VISIONA_ENV=dev to generate one)"
                 )
-            config = attrs.evolve(config, internal_secret=secrets.token_urlsafe(32))
+            secret = secrets.token_urlsafe(32)
+            config = attrs.evolve(config, internal_secret=secret, secret_generated=True)
             logger.warning("VISIONA_INTERNAL_SECRET not set: generated one (VISIONA_ENV=dev)")
         return config

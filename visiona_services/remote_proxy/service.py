@@ -12,13 +12,17 @@ next instance), then stop both servers.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 from collections.abc import Awaitable, Callable
 
 import attrs
-import hypercorn.trio
 import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 
 from visiona_tunnel import yamux
 
@@ -41,22 +45,63 @@ class RunningProxy:
     stop: Callable[[], None]
 
 
+class CannotListen(Exception):
+    """A listener's address cannot be bound; the message names it, its variable and why."""
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _cannot_listen(address: str, variable: str, exc: OSError) -> CannotListen:
+    reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+    return CannotListen(f"cannot listen on {address} ({variable}): {reason or exc}")
+
+
+def _listen_hypercorn(hyper: HypercornConfig, variable: str) -> Sockets:
+    """Bind ``hyper.bind``.
+
+    Raises:
+        CannotListen: it cannot be bound.
+    """
+    try:
+        sockets = hyper.create_sockets()
+        for sock in sockets.insecure_sockets:
+            sock.listen(hyper.backlog)
+    except OSError as exc:
+        raise _cannot_listen(hyper.bind[0], variable, exc) from None
+    return sockets
+
+
 async def serve_remote_proxy(
     config: ProxyConfig, *, task_status: trio.TaskStatus[RunningProxy] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    """Run both listeners until ``stop()``; ``task_status.started`` gives the bound URLs."""
+    """Run both listeners until ``stop()``; ``task_status.started`` gives the bound URLs.
+
+    Both addresses are bound before anything starts.
+
+    Raises:
+        CannotListen: a listener's address cannot be bound (a busy port, say).
+    """
     state = ProxyState.create(config)
     stopping = trio.Event()
     servers_done = trio.Event()
+    internal_hyper = internal_hypercorn_config(config)
+    internal_sockets = _listen_hypercorn(internal_hyper, "VISIONA_PROXY_INTERNAL_PORT")
+    try:
+        serve_tunnels = await _tunnel_server(config, state, shutdown_trigger=servers_done.wait)
+    except BaseException:
+        for sock in internal_sockets.insecure_sockets:
+            sock.close()
+        raise
     async with trio.open_nursery() as nursery:
-        tunnel_urls = await nursery.start(
-            _tunnel_server(config, state, shutdown_trigger=servers_done.wait)
-        )
+        tunnel_urls = await nursery.start(serve_tunnels)
         internal_urls = await nursery.start(
             functools.partial(
-                hypercorn.trio.serve,
-                create_internal_app(state),
-                internal_hypercorn_config(config),
+                worker_serve,
+                wrap_app(create_internal_app(state), internal_hyper.wsgi_max_body_size, None),
+                internal_hyper,
+                sockets=internal_sockets,
                 shutdown_trigger=servers_done.wait,
             )
         )
@@ -67,26 +112,35 @@ async def serve_remote_proxy(
         servers_done.set()
 
 
-def _tunnel_server(
+async def _tunnel_server(
     config: ProxyConfig, state: ProxyState, *, shutdown_trigger: Callable[[], Awaitable[None]]
 ) -> Callable[..., Awaitable[None]]:
-    """The tunnel listener that ``config.tunnel_server`` names, for ``nursery.start``
-    (started with the bound URLs)."""
+    """The tunnel listener that ``config.tunnel_server`` names, its address bound, for
+    ``nursery.start`` (started with the bound URLs).
+
+    Raises:
+        CannotListen: the address cannot be bound.
+    """
     verifier = verifier_from_config(config)
     if config.tunnel_server == "hypercorn":
         hyper = tunnel_hypercorn_config(config)
         return functools.partial(
-            hypercorn.trio.serve,
-            create_tunnel_app(state, verifier),
+            worker_serve,
+            wrap_app(create_tunnel_app(state, verifier), hyper.wsgi_max_body_size, None),
             hyper,
+            sockets=_listen_hypercorn(hyper, "VISIONA_TUNNEL_PORT"),
             shutdown_trigger=shutdown_trigger,
         )
+    try:
+        listeners = await trio.open_tcp_listeners(config.tunnel_port, host=config.tunnel_host)
+    except OSError as exc:
+        address = _address(config.tunnel_host, config.tunnel_port)
+        raise _cannot_listen(address, "VISIONA_TUNNEL_PORT", exc) from None
     return functools.partial(
         serve_tunnel_listener_raw,
         state,
         verifier,
-        host=config.tunnel_host,
-        port=config.tunnel_port,
+        listeners=listeners,
         shutdown_trigger=shutdown_trigger,
         graceful_timeout=min(GRACEFUL_TIMEOUT, config.shutdown_grace),
     )

@@ -90,8 +90,9 @@ async def serve_tunnel_listener_raw(
     state: ProxyState,
     verifier: TokenVerifier,
     *,
-    host: str,
-    port: int,
+    host: str | None = None,
+    port: int = 0,
+    listeners: Sequence[trio.SocketListener] = (),
     verify_timeout: float = VERIFY_TIMEOUT,
     drain_timeout: float = DRAIN_TIMEOUT,
     handshake_timeout: float = HANDSHAKE_TIMEOUT,
@@ -101,8 +102,9 @@ async def serve_tunnel_listener_raw(
     graceful_timeout: float = GRACEFUL_TIMEOUT,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the tunnel listener on ``host:port`` until cancelled or, with
-    ``shutdown_trigger``, until it returns: then stop accepting and give the open
+    """Serve the tunnel listener on ``host:port`` (or on ``listeners``, already bound: the
+    service binds first, to report a busy port before anything starts) until cancelled or,
+    with ``shutdown_trigger``, until it returns: then stop accepting and give the open
     connections ``graceful_timeout`` to end (idle keep-alive ones end at once).
 
     ``task_status.started`` gets the bound URLs (``["http://127.0.0.1:PORT"]``), as
@@ -117,11 +119,12 @@ async def serve_tunnel_listener_raw(
         keep_alive_timeout=keep_alive_timeout,
         tcp_user_timeout=tcp_user_timeout,
     )
+    bound = list(listeners) or await trio.open_tcp_listeners(port, host=host)
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accepting:
-            serve = partial(trio.serve_tcp, handler, port, host=host, handler_nursery=connections)
-            listeners: list[trio.SocketListener] = await accepting.start(serve)
-            task_status.started([_url(listener) for listener in listeners])
+            serve = partial(trio.serve_listeners, handler, bound, handler_nursery=connections)
+            await accepting.start(serve)
+            task_status.started([_url(listener) for listener in bound])
             if shutdown_trigger is None:
                 await trio.sleep_forever()
             else:

@@ -469,7 +469,7 @@ async def test_metrics_after_forwards_and_a_replacement(
     assert metric_value(text, "visiona_tunnel_replacements_total") == 1
 
 
-# -- the console script ---------------------------------------------------------------------
+# -- the console script (the rest of it: test_cli.py) -------------------------------------
 
 
 def process_env(**variables: str) -> dict[str, str]:
@@ -552,41 +552,6 @@ async def service_process(env: Mapping[str, str]) -> AsyncIterator[ServiceProces
         finally:
             if process.returncode is None:
                 process.kill()
-
-
-async def test_cli_in_dev_without_a_secret_generates_one_and_logs_it() -> None:
-    env = process_env(
-        VISIONA_ENV="dev",
-        VISIONA_TUNNEL_HOST="127.0.0.1",
-        VISIONA_TUNNEL_PORT="0",
-        VISIONA_PROXY_INTERNAL_PORT="0",
-    )
-    async with service_process(env) as proc:
-        with trio.fail_after(PROCESS_TIMEOUT):
-            listening = await proc.wait_for("listening")
-            response = await call(port_of(listening["tunnel"][0]), "GET", "/healthz", auth=False)
-            assert response.status == 200
-            assert await proc.terminate() == 0
-    generated = [record for record in proc.records if "generated" in record["msg"]]
-    assert generated, f"no log record says the secret was generated: {proc.lines}"
-    assert "VISIONA_INTERNAL_SECRET" in generated[0]["msg"]
-    assert generated[0]["level"] == "warning"
-
-
-async def test_cli_without_a_secret_outside_dev_exits_2_naming_it() -> None:
-    env = process_env(VISIONA_TUNNEL_PORT="0", VISIONA_PROXY_INTERNAL_PORT="0")
-    with trio.fail_after(PROCESS_TIMEOUT):
-        result = await trio.run_process(COMMAND, env=env, capture_stderr=True, check=False)
-    assert result.returncode == 2
-    assert "VISIONA_INTERNAL_SECRET" in result.stderr.decode()
-
-
-async def test_cli_with_a_bad_tunnel_port_exits_2_naming_it() -> None:
-    env = process_env(VISIONA_INTERNAL_SECRET=SECRET, VISIONA_TUNNEL_PORT="not-a-port")
-    with trio.fail_after(PROCESS_TIMEOUT):
-        result = await trio.run_process(COMMAND, env=env, capture_stderr=True, check=False)
-    assert result.returncode == 2
-    assert "VISIONA_TUNNEL_PORT" in result.stderr.decode()
 
 
 async def test_cli_sigterm_drains_then_exits_0(
