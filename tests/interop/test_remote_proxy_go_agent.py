@@ -117,5 +117,5 @@ async def test_go_agent_with_a_bad_token_gets_401(
         )
         assert await agent.expect_retry() == Retry(1, "30s", "unauthorized")
         assert len(listener.state.tunnels) == 0
-        assert listener.state.metrics.auth_failures.value() == 1
+        assert listener.state.metrics.value("visiona_tunnel_auth_failures_total") == 1
         assert await agent.terminate() == 0

@@ -1,168 +1,68 @@
-"""A small Prometheus text-format registry: counters, gauges and histograms with labels.
+"""Prometheus metrics through ``prometheus-client``, one registry per service instance.
 
-The services expose a handful of series; this is the text exposition format
-(https://prometheus.io/docs/instrumenting/exposition_formats/) and nothing more.
+The exposition formats (text 0.0.4, OpenMetrics, the content negotiation between them,
+escaping, histogram buckets) are prometheus-client's to get right. Each service instance
+has a :class:`MetricSet` on a ``CollectorRegistry`` of its own, never the library's global
+``REGISTRY``: several services, or the many of a test run, live in one process without
+colliding, and the output holds only the service's series.
+
+prometheus-client gives every counter and histogram a ``<name>_created`` series (its start
+time); :class:`MetricSet` leaves those out, so that ``GET /metrics`` shows exactly the
+documented series. (``prometheus_client.disable_created_metrics()`` would do it for the
+whole process instead.)
 """
 
 from __future__ import annotations
 
-import bisect
-import math
-from collections.abc import Callable, Sequence
-from typing import TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
-LabelValues = tuple[str, ...]
-_M = TypeVar("_M", bound="_Metric")
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+__all__ = ["MetricSet", "exposition"]
 
 
-def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
-    parts = [f'{name}="{_escape(value)}"' for name, value in zip(names, values, strict=True)]
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}" if parts else ""
+class MetricSet:
+    """The series of one registry, in the order they are added: prometheus-client's
+    counters and histograms, and values read when scraped (:meth:`counter_of`,
+    :meth:`gauge_of`)."""
 
-
-def _number(value: float) -> str:
-    if value == math.inf:
-        return "+Inf"
-    return repr(float(value)) if not float(value).is_integer() else str(int(value))
-
-
-class _Metric:
-    kind = ""
-
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
-        self.name = name
-        self.help = help
-        self.labelnames = tuple(labelnames)
-
-    def _key(self, labels: dict[str, str]) -> LabelValues:
-        if set(labels) != set(self.labelnames):
-            raise ValueError(f"{self.name} takes labels {self.labelnames}, got {sorted(labels)}")
-        return tuple(str(labels[name]) for name in self.labelnames)
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-    def lines(self) -> list[str]:
-        raise NotImplementedError
-
-
-class Counter(_Metric):
-    kind = "counter"
-
-    def __init__(self, name: str, help: str, labelnames: Sequence[str] = ()) -> None:
-        super().__init__(name, help, labelnames)
-        self._values: dict[LabelValues, float] = {} if labelnames else {(): 0.0}
-
-    def inc(self, amount: float = 1.0, **labels: str) -> None:
-        if amount < 0:
-            raise ValueError("a counter only goes up")
-        key = self._key(labels)
-        self._values[key] = self._values.get(key, 0.0) + amount
-
-    def value(self, **labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def lines(self) -> list[str]:
-        return [
-            f"{self.name}{_labels(self.labelnames, key)} {_number(value)}"
-            for key, value in sorted(self._values.items())
-        ]
-
-
-class CounterOf(_Metric):
-    """A counter whose total is read when scraped (``read`` must never go down)."""
-
-    kind = "counter"
-
-    def __init__(self, name: str, help: str, read: Callable[[], float]) -> None:
-        super().__init__(name, help)
-        self._read = read
-
-    def value(self) -> float:
-        return self._read()
-
-    def lines(self) -> list[str]:
-        return [f"{self.name} {_number(self.value())}"]
-
-
-class Gauge(_Metric):
-    """A value read when scraped (``read``), or set by hand."""
-
-    kind = "gauge"
-
-    def __init__(self, name: str, help: str, read: Callable[[], float] | None = None) -> None:
-        super().__init__(name, help)
-        self._read = read
-        self._value = 0.0
-
-    def set(self, value: float) -> None:
-        self._value = value
-
-    def value(self) -> float:
-        return self._read() if self._read is not None else self._value
-
-    def lines(self) -> list[str]:
-        return [f"{self.name} {_number(self.value())}"]
-
-
-class Histogram(_Metric):
-    kind = "histogram"
-    DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-    def __init__(self, name: str, help: str, buckets: Sequence[float] = DEFAULT_BUCKETS) -> None:
-        super().__init__(name, help)
-        self.buckets = (*sorted(buckets), math.inf)
-        self._counts = [0] * len(self.buckets)
-        self._sum = 0.0
-        self._count = 0
-
-    def observe(self, value: float) -> None:
-        self._counts[bisect.bisect_left(self.buckets, value)] += 1
-        self._sum += value
-        self._count += 1
-
-    def lines(self) -> list[str]:
-        lines, cumulative = [], 0
-        for bound, count in zip(self.buckets, self._counts, strict=True):
-            cumulative += count
-            lines.append(f'{self.name}_bucket{{le="{_number(bound)}"}} {cumulative}')
-        lines.append(f"{self.name}_sum {_number(self._sum)}")
-        lines.append(f"{self.name}_count {self._count}")
-        return lines
-
-
-class Registry:
-    def __init__(self) -> None:
-        self._metrics: list[_Metric] = []
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._sources: list[Callable[[], Iterable[Metric]]] = []
+        registry.register(self)
 
     def counter(self, name: str, help: str, labelnames: Sequence[str] = ()) -> Counter:
-        return self._add(Counter(name, help, labelnames))
+        counter = Counter(name, help, labelnames, registry=None)
+        self._sources.append(counter.collect)
+        return counter
 
-    def counter_of(self, name: str, help: str, read: Callable[[], float]) -> CounterOf:
-        return self._add(CounterOf(name, help, read))
+    def counter_of(self, name: str, help: str, read: Callable[[], float]) -> None:
+        """A counter whose total is ``read()`` when scraped (it must never go down)."""
+        self._sources.append(lambda: [CounterMetricFamily(name, help, value=read())])
 
-    def gauge(self, name: str, help: str, read: Callable[[], float] | None = None) -> Gauge:
-        return self._add(Gauge(name, help, read))
+    def gauge_of(self, name: str, help: str, read: Callable[[], float]) -> None:
+        """A gauge whose value is ``read()`` when scraped."""
+        self._sources.append(lambda: [GaugeMetricFamily(name, help, value=read())])
 
-    def histogram(self, name: str, help: str, buckets: Sequence[float] | None = None) -> Histogram:
-        return self._add(Histogram(name, help, buckets or Histogram.DEFAULT_BUCKETS))
+    def histogram(self, name: str, help: str, buckets: Sequence[float]) -> Histogram:
+        histogram = Histogram(name, help, registry=None, buckets=buckets)
+        self._sources.append(histogram.collect)
+        return histogram
 
-    def _add(self, metric: _M) -> _M:
-        self._metrics.append(metric)
-        return metric
-
-    def render(self) -> str:
-        """The exposition text (``Content-Type: text/plain; version=0.0.4``)."""
-        lines: list[str] = []
-        for metric in self._metrics:
-            lines += metric.header() + metric.lines()
-        return "\n".join(lines) + "\n"
+    def collect(self) -> Iterator[Metric]:
+        """For the registry: every series, without the ``_created`` ones."""
+        for source in self._sources:
+            for family in source():
+                created = family.name + "_created"
+                family.samples = [sample for sample in family.samples if sample.name != created]
+                yield family
 
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+def exposition(registry: CollectorRegistry, accept: str | None = None) -> tuple[bytes, str]:
+    """The body and ``Content-Type`` of a scrape whose ``Accept`` header is ``accept``,
+    negotiated as prometheus-client's own exporters do: Prometheus text 0.0.4
+    (``text/plain; version=0.0.4; charset=utf-8``) unless the scraper asks for OpenMetrics
+    or text 1.0.0."""
+    encode, content_type = choose_encoder(accept or "")
+    return encode(registry), content_type

@@ -70,12 +70,12 @@ async def forward_http_request(
     (``/path?query``, escaped). Never raises for what the tunnel or the caller did."""
     metrics = state.metrics
     if state.draining.is_set():
-        metrics.forwards.inc(status="503")
+        metrics.forwards.labels(status="503").inc()
         await send_error(send, 503, "SHUTTING_DOWN", "the remote-proxy is shutting down")
         return
     tunnel = state.tunnels.get(device_id)
     if tunnel is None:
-        metrics.forwards.inc(status="502")
+        metrics.forwards.labels(status="502").inc()
         await send_error(send, 502, "TUNNEL_DISCONNECTED", f"device {device_id!r} is not connected")
         return
 
@@ -99,4 +99,4 @@ async def forward_http_request(
     )
     with state.inflight:
         status = await forward_asgi_http(scope, receive, send, upstream)
-    metrics.forwards.inc(status=str(status))
+    metrics.forwards.labels(status=str(status)).inc()

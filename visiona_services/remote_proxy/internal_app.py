@@ -15,7 +15,7 @@ route                                              answer
 ``GET /internal/events``                           the tunnels coming and going: a stream of
                                                    JSON lines (raw ASGI, :mod:`.events`)
 ``GET /internal/health``                           ``{"tunnels": n, "draining": bool}``
-``GET /metrics``                                   Prometheus text
+``GET /metrics``                                   Prometheus text (or OpenMetrics)
 =================================================  =============================================
 
 A session is ``{"device_id", "connected": true, "since" (ISO 8601 UTC), "remote_address",
@@ -70,7 +70,7 @@ from ..common.http import (
     request_id_context,
     send_error,
 )
-from ..common.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from ..common.metrics import exposition
 from ..common.raw_route import LINGER_IDLE, RequestBody, ResponseWatch
 from ..common.ws_forward import MAX_MESSAGE_SIZE
 from .config import ProxyConfig
@@ -304,9 +304,8 @@ def _register_routes(app: QuartTrio, state: ProxyState) -> None:
 
     @app.get("/metrics")
     async def metrics() -> quart.Response:
-        return quart.Response(
-            state.metrics.registry.render(), status=200, content_type=METRICS_CONTENT_TYPE
-        )
+        body, content_type = exposition(state.metrics.registry, quart.request.headers.get("Accept"))
+        return quart.Response(body, status=200, content_type=content_type)
 
 
 def _by_device(session: dict[str, object]) -> str:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import attrs
 import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from visiona_tunnel.relay import Tunnel, TunnelDown, TunnelEvent, TunnelRegistry, TunnelUp
 
 from ..common.inflight import InFlight
-from ..common.metrics import Counter, Gauge, Histogram, Registry
+from ..common.metrics import MetricSet
 from .config import ProxyConfig
 
 
@@ -38,11 +39,16 @@ class TunnelTraffic:
         return self._ended_sent + sum(t.stats().bytes_out for t in self._running)
 
 
+#: ``visiona_forward_duration_seconds``'s buckets (seconds).
+FORWARD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
 @attrs.define(eq=False)
 class ProxyMetrics:
-    """The series ``GET /metrics`` shows (names are part of the service's interface)."""
+    """The series ``GET /metrics`` shows (names are part of the service's interface:
+    docs/remote-proxy.md lists them), on a registry of this service's own."""
 
-    registry: Registry
+    registry: CollectorRegistry
     traffic: TunnelTraffic
     connects: Counter
     replacements: Counter
@@ -52,58 +58,67 @@ class ProxyMetrics:
     forward_seconds: Histogram
     forward_bytes_in: Counter  # request bodies sent to agents
     forward_bytes_out: Counter  # response bodies from agents
-    events_subscribers: Gauge
 
     @classmethod
     def create(cls, tunnels: TunnelRegistry, subscribers: InFlight) -> ProxyMetrics:
         """``subscribers``: the subscriptions of ``GET /internal/events``."""
-        registry = Registry()
-        registry.gauge("visiona_tunnel_sessions", "Live agent tunnels.", lambda: len(tunnels))
-        registry.gauge(
+        registry = CollectorRegistry()
+        series = MetricSet(registry)
+        series.gauge_of("visiona_tunnel_sessions", "Live agent tunnels.", lambda: len(tunnels))
+        series.gauge_of(
             "visiona_tunnel_open_streams",
             "Open yamux streams over all tunnels.",
             lambda: sum(t.session.num_streams for t in tunnels),
         )
         traffic = TunnelTraffic()
-        registry.counter_of(
+        series.counter_of(
             "visiona_tunnel_received_bytes_total",
             "Bytes received from agents over their tunnels (WebSocket payload).",
             traffic.received,
         )
-        registry.counter_of(
+        series.counter_of(
             "visiona_tunnel_sent_bytes_total",
             "Bytes sent to agents over their tunnels (WebSocket payload).",
             traffic.sent,
         )
-        return cls(
+        metrics = cls(
             registry=registry,
             traffic=traffic,
-            connects=registry.counter("visiona_tunnel_connects_total", "Tunnels accepted."),
-            replacements=registry.counter(
+            connects=series.counter("visiona_tunnel_connects_total", "Tunnels accepted."),
+            replacements=series.counter(
                 "visiona_tunnel_replacements_total", "Tunnels replaced by a newer one."
             ),
-            disconnects=registry.counter("visiona_tunnel_disconnects_total", "Tunnels ended."),
-            auth_failures=registry.counter(
+            disconnects=series.counter("visiona_tunnel_disconnects_total", "Tunnels ended."),
+            auth_failures=series.counter(
                 "visiona_tunnel_auth_failures_total", "Tunnel upgrades refused for the token."
             ),
-            forwards=registry.counter(
+            forwards=series.counter(
                 "visiona_forward_requests_total", "Forwarded requests by status.", ["status"]
             ),
-            forward_seconds=registry.histogram(
-                "visiona_forward_duration_seconds", "Time to the agent's response head."
+            forward_seconds=series.histogram(
+                "visiona_forward_duration_seconds",
+                "Time to the agent's response head.",
+                FORWARD_BUCKETS,
             ),
-            forward_bytes_in=registry.counter(
+            forward_bytes_in=series.counter(
                 "visiona_forward_request_bytes_total", "Request body bytes forwarded to agents."
             ),
-            forward_bytes_out=registry.counter(
+            forward_bytes_out=series.counter(
                 "visiona_forward_response_bytes_total", "Response body bytes from agents."
             ),
-            events_subscribers=registry.gauge(
-                "visiona_events_subscribers",
-                "Subscribers of the events stream (GET /internal/events).",
-                lambda: subscribers.count,
-            ),
         )
+        series.gauge_of(
+            "visiona_events_subscribers",
+            "Subscribers of the events stream (GET /internal/events).",
+            lambda: subscribers.count,
+        )
+        return metrics
+
+    def value(self, name: str, **labels: str) -> float:
+        """One series' value now (0 if it has none yet), e.g.
+        ``value("visiona_forward_requests_total", status="200")``."""
+        value = self.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
 
     def observe(self, event: TunnelEvent) -> None:
         """A :class:`TunnelRegistry` observer."""

@@ -60,7 +60,7 @@ async def forward_websocket(
     await receive()  # websocket.connect
     with state.inflight:  # a drain waits for the relay's own 1001 close
         status = await _forward(state, scope, receive, send, device_id, target)
-    state.metrics.forwards.inc(status=str(status))
+    state.metrics.forwards.labels(status=str(status)).inc()
 
 
 async def _forward(

@@ -67,11 +67,7 @@ def online(events: Iterable[Event]) -> set[str]:
 
 
 def metric(proxy: Proxy, series: str) -> float:
-    for line in proxy.state.metrics.registry.render().splitlines():
-        name, _, value = line.rpartition(" ")
-        if name == series:
-            return float(value)
-    raise AssertionError(f"{series} not in the metrics")
+    return proxy.state.metrics.value(series)
 
 
 # -- the snapshot and the changes -----------------------------------------------------------

@@ -317,22 +317,29 @@ async def test_metrics_count_forwards(proxy: Proxy, agent: PyAgent) -> None:
     assert response.status == 200
     assert response.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
     text = response.body.decode()
-    for line in [
-        'visiona_forward_requests_total{status="200"} 1',
-        'visiona_forward_requests_total{status="404"} 1',
-        'visiona_forward_requests_total{status="502"} 1',
-        "visiona_forward_duration_seconds_count 2",
-        "visiona_forward_request_bytes_total 1000",
-        "visiona_tunnel_sessions 1",
+    for line in [  # prometheus-client writes every value as a float
+        'visiona_forward_requests_total{status="200"} 1.0',
+        'visiona_forward_requests_total{status="404"} 1.0',
+        'visiona_forward_requests_total{status="502"} 1.0',
+        "visiona_forward_duration_seconds_count 2.0",
+        "visiona_forward_request_bytes_total 1000.0",
+        "visiona_tunnel_sessions 1.0",
     ]:
         assert line in text.splitlines(), line
-    assert re.search(r"^visiona_forward_response_bytes_total (\d+)$", text, re.M)
+    assert re.search(r"^visiona_forward_response_bytes_total (\d+)\.0$", text, re.M)
+    assert "_created" not in text
 
 
-def _metric(text: str, name: str) -> int:
-    match = re.search(rf"^{name} (\d+)$", text, re.M)
-    assert match, name
-    return int(match.group(1))
+async def test_metrics_in_openmetrics_when_asked_for(proxy: Proxy) -> None:
+    accept = ("Accept", "application/openmetrics-text;version=1.0.0;q=0.6,*/*;q=0.2")
+    with trio.fail_after(TEST_TIMEOUT):
+        response = await call(proxy.port, "GET", "/metrics", headers=[accept])
+    assert response.status == 200
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    text = response.body.decode()
+    assert "# TYPE visiona_tunnel_connects counter" in text
+    assert "visiona_tunnel_connects_total 0.0" in text.splitlines()
+    assert text.endswith("# EOF\n") and "_created" not in text
 
 
 async def test_tunnel_byte_totals_keep_counting_after_a_tunnel_ends(
@@ -341,10 +348,10 @@ async def test_tunnel_byte_totals_keep_counting_after_a_tunnel_ends(
     names = ("visiona_tunnel_received_bytes_total", "visiona_tunnel_sent_bytes_total")
     with trio.fail_after(TEST_TIMEOUT):
         assert (await call(proxy.port, "POST", f"{FORWARD}/echo", b"x" * 100_000)).status == 200
-        before = [_metric(proxy.state.metrics.registry.render(), n) for n in names]
+        before = [proxy.state.metrics.value(name) for name in names]
         assert (await call(proxy.port, "DELETE", f"/internal/sessions/{DEVICE}")).status == 200
         await agent.hooks.wait_for("session_down")
-        after = [_metric(proxy.state.metrics.registry.render(), n) for n in names]
+        after = [proxy.state.metrics.value(name) for name in names]
     assert all(b > 100_000 for b in before)
     assert [a >= b for a, b in zip(after, before, strict=True)] == [True, True]
 
@@ -720,7 +727,7 @@ async def test_caller_leaving_mid_download_resets_the_agent_stream(
         await proxy.state.inflight.wait_idle()
         response = await call(proxy.port, "GET", f"{FORWARD}/hello")
     assert (response.status, response.body) == (200, b"hello from local-1")
-    assert 'status="200"' in proxy.state.metrics.registry.render()
+    assert proxy.state.metrics.value("visiona_forward_requests_total", status="200") >= 1
 
 
 async def test_draining_refuses_new_forwards_and_waits_for_running_ones(
@@ -831,7 +838,7 @@ async def test_websocket_caller_leaving_during_the_handshake_ends_it(
         await local_asked.wait()  # the handshake is under way
         await caller.aclose()
         await local_gone.wait()  # long before the forward timeout
-    assert 'visiona_forward_requests_total{status="499"} 1' in proxy.state.metrics.registry.render()
+    assert proxy.state.metrics.value("visiona_forward_requests_total", status="499") == 1
 
 
 async def test_websocket_without_session_is_502(proxy: Proxy) -> None:

@@ -110,7 +110,7 @@ async def test_agent_comes_up_keyed_by_device(listener: TunnelListener, tunnel: 
 
 
 async def test_connect_is_counted(listener: TunnelListener, tunnel: Tunnel) -> None:
-    assert listener.state.metrics.connects.value() == 1
+    assert listener.state.metrics.value("visiona_tunnel_connects_total") == 1
 
 
 async def test_bearer_header_is_accepted(listener: TunnelListener) -> None:
@@ -130,7 +130,7 @@ async def test_agent_leaving_ends_its_tunnel(listener: TunnelListener, agent: Py
         down = await listener.events.next_down()
     assert (down.key, down.replaced) == (DEVICE, False)
     assert len(listener.state.tunnels) == 0
-    assert listener.state.metrics.disconnects.value() == 1
+    assert listener.state.metrics.value("visiona_tunnel_disconnects_total") == 1
 
 
 # -- traffic ----------------------------------------------------------------------------------
@@ -200,8 +200,8 @@ async def test_unknown_bearer_token_is_401(listener: TunnelListener) -> None:
 async def test_refusals_are_counted_as_auth_failures(listener: TunnelListener) -> None:
     await refused(listener.url)
     await refused(listener.url + "?token=nope")
-    assert listener.state.metrics.auth_failures.value() == 2
-    assert listener.state.metrics.connects.value() == 0
+    assert listener.state.metrics.value("visiona_tunnel_auth_failures_total") == 2
+    assert listener.state.metrics.value("visiona_tunnel_connects_total") == 0
 
 
 async def test_caller_request_id_is_echoed(listener: TunnelListener) -> None:
@@ -252,7 +252,8 @@ async def test_reconnect_replaces_the_old_tunnel_with_4001(
         response = await fetch(tunnel, "GET", "/hello")
     assert response.body == b"hello from local-2"
     metrics = listener.state.metrics
-    assert (metrics.connects.value(), metrics.replacements.value()) == (2, 1)
+    assert metrics.value("visiona_tunnel_connects_total") == 2
+    assert metrics.value("visiona_tunnel_replacements_total") == 1
     older.client.stop()
 
 
@@ -264,7 +265,7 @@ async def test_draining_refuses_new_tunnels_with_503(listener: TunnelListener) -
     rejection = await refused(f"{listener.url}?token={TOKEN}")
     assert rejection.status_code == 503
     assert envelope(rejection)["error"]["code"] == "DRAINING"
-    assert listener.state.metrics.auth_failures.value() == 0
+    assert listener.state.metrics.value("visiona_tunnel_auth_failures_total") == 0
 
 
 async def test_healthz_counts_sessions(listener: TunnelListener, tunnel: Tunnel) -> None:
@@ -335,7 +336,7 @@ async def test_upgrade_without_a_websocket_key_is_400(listener: TunnelListener) 
         listener.port, "GET", f"/tunnel/connect?token={TOKEN}", headers=headers
     )
     assert response.status == 400
-    assert listener.state.metrics.auth_failures.value() == 0
+    assert listener.state.metrics.value("visiona_tunnel_auth_failures_total") == 0
 
 
 async def test_raw_listener_shuts_down_with_idle_connections(nursery: trio.Nursery) -> None:
@@ -415,14 +416,14 @@ async def test_api_server_verified_agent_comes_up(
 async def test_api_server_refusal_is_401(api_listener: TunnelListener) -> None:
     rejection = await refused(f"{api_listener.url}?token=status-404")
     assert rejection.status_code == 401
-    assert api_listener.state.metrics.auth_failures.value() == 1
+    assert api_listener.state.metrics.value("visiona_tunnel_auth_failures_total") == 1
 
 
 async def test_api_server_failure_is_503_not_401(api_listener: TunnelListener) -> None:
     rejection = await refused(f"{api_listener.url}?token=status-500")
     assert rejection.status_code == 503
     assert envelope(rejection)["error"]["code"] == "AUTH_UNAVAILABLE"
-    assert api_listener.state.metrics.auth_failures.value() == 0
+    assert api_listener.state.metrics.value("visiona_tunnel_auth_failures_total") == 0
 
 
 async def test_agent_still_writing_gets_our_close_code(listener: TunnelListener) -> None:
