@@ -5,20 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-import trio
+from visiona_tunnel.agent import OneLineArgumentParser
 
 from ..common.envconfig import ConfigError, describe_variables
-from ..common.lifecycle import serve_until_signal
+from ..common.lifecycle import fail, run_service
 from ..common.logs import configure_logging
 from .config import ApiConfig
 from .db import Database
-from .server import CannotListen, logger, serve_api_server
+from .server import logger, serve_api_server
 
 PROG = "visiona-api-server"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=PROG,
         description="The visionA api-server: OIDC login, devices, models (REST/WS, :3721).",
         epilog="configuration (environment variables, defaults in brackets):\n"
@@ -31,11 +31,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
-    return code
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging("info")
@@ -45,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command != "migrate":
             config.require_oidc()
     except ConfigError as exc:
-        return _fail(str(exc), 2)
+        return fail(PROG, str(exc), 2)
     if generated:  # VISIONA_ENV=dev: the operator needs these for the remote-proxy
         print(f"{PROG}: VISIONA_ENV=dev, generated secrets (kept in {config.data_dir}):")
         for variable, value in generated.items():
@@ -59,12 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             database.dispose()
         print(f"{PROG}: the database is up to date")
         return 0
-    failure: str | None = None
-    try:
-        trio.run(serve_until_signal, serve_api_server, config, logger)
-    except* CannotListen as group:  # a busy port: one line, not a traceback
-        failure = str(group.exceptions[0])
-    return _fail(failure, 1) if failure else 0
+    return run_service(PROG, serve_api_server, config, logger)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,24 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
 
-from ..common.envconfig import ConfigError, env, load
+from ..common.envconfig import (
+    LOG_LEVELS,
+    ConfigError,
+    at_least,
+    env,
+    load,
+    one_of,
+    port,
+    positive,
+    variable_of,
+)
 from ..common.internal_url import InternalUrl
 
 __all__ = ["ApiConfig", "ConfigError", "RateLimit"]
@@ -33,7 +42,6 @@ KNOWN_DEFAULT_SECRETS = frozenset(
 _KNOWN_DEFAULT_PREFIXES = ("dev-", "demo-", "test-", "example")
 DEV_ENVIRONMENTS = ("dev", "development")
 ENVIRONMENTS = (*DEV_ENVIRONMENTS, "production")
-LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
 #: The secrets a dev start may generate (field name -> variable).
 _GENERATED_SECRETS = {
     "session_secret": "VISIONA_SESSION_SECRET",
@@ -41,29 +49,6 @@ _GENERATED_SECRETS = {
 }
 DEV_SECRETS_FILE = "dev-secrets.env"
 STORAGE_BACKENDS = ("localfs", "s3")
-
-
-def _variable(attribute: attrs.Attribute[Any]) -> str:
-    return str(attribute.metadata.get("env", attribute.name))
-
-
-def _port(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if not 0 <= value <= 65535:
-        raise ValueError(f"{_variable(attribute)}: port must be within 0..65535, got {value}")
-
-
-def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{_variable(attribute)}: must be positive, got {value}")
-
-
-def _one_of(*choices: str) -> Callable[[object, attrs.Attribute[str], str], None]:
-    def check(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
-        if value.lower() not in choices:
-            expected = ", ".join(choices)
-            raise ValueError(f"{_variable(attribute)}: expected one of {expected}; got {value!r}")
-
-    return check
 
 
 def origin_of(url: str) -> str:
@@ -90,17 +75,17 @@ def _public_url(instance: object, attribute: attrs.Attribute[str], value: str) -
     try:
         origin_of(value)
     except ValueError as exc:
-        raise ValueError(f"{_variable(attribute)}: {exc}") from None
+        raise ValueError(f"{variable_of(attribute)}: {exc}") from None
     parts = urlsplit(value)
     if parts.query or parts.fragment or parts.path.strip("/"):
-        raise ValueError(f"{_variable(attribute)}: expected scheme://host[:port], got {value!r}")
+        raise ValueError(f"{variable_of(attribute)}: expected scheme://host[:port], got {value!r}")
 
 
 def _http_url(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     try:
         InternalUrl.parse(value, allow_https=True)
     except ValueError as exc:
-        raise ValueError(f"{_variable(attribute)}: {exc}") from None
+        raise ValueError(f"{variable_of(attribute)}: {exc}") from None
 
 
 def _origins(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -109,14 +94,14 @@ def _origins(instance: object, attribute: attrs.Attribute[str], value: str) -> N
             if origin_of(item) != item.rstrip("/").lower():
                 raise ValueError(f"an origin is scheme://host[:port], got {item!r}")
         except ValueError as exc:
-            raise ValueError(f"{_variable(attribute)}: {exc}") from None
+            raise ValueError(f"{variable_of(attribute)}: {exc}") from None
 
 
 def _networks(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     try:
         parse_networks(value)
     except ValueError as exc:
-        raise ValueError(f"{_variable(attribute)}: {exc}") from None
+        raise ValueError(f"{variable_of(attribute)}: {exc}") from None
 
 
 def parse_networks(value: str) -> tuple[IPv4Network | IPv6Network, ...]:
@@ -128,21 +113,21 @@ def _ws_url(instance: object, attribute: attrs.Attribute[str], value: str) -> No
     parts = urlsplit(value)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise ValueError(
-            f"{_variable(attribute)}: expected ws(s)://host[:port]/path, got {value!r}"
+            f"{variable_of(attribute)}: expected ws(s)://host[:port]/path, got {value!r}"
         )
 
 
 def _prefixes(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     for prefix in _split(value):
         if not prefix.startswith("/") or prefix in ("/", "/api/", "/api") or ".." in prefix:
-            raise ValueError(f"{_variable(attribute)}: not a forwardable prefix: {prefix!r}")
+            raise ValueError(f"{variable_of(attribute)}: not a forwardable prefix: {prefix!r}")
         if prefix.startswith(("/api/auth", "/api/pairing", "/internal", "/healthz")):
-            raise ValueError(f"{_variable(attribute)}: {prefix!r} is the api-server's own")
+            raise ValueError(f"{variable_of(attribute)}: {prefix!r} is the api-server's own")
 
 
 def _scopes(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     if "openid" not in value.split():
-        raise ValueError(f"{_variable(attribute)}: must include 'openid', got {value!r}")
+        raise ValueError(f"{variable_of(attribute)}: must include 'openid', got {value!r}")
 
 
 def _without_trailing_slash(value: object) -> str:
@@ -176,7 +161,7 @@ def _rate_limit(instance: object, attribute: attrs.Attribute[str], value: str) -
     try:
         RateLimit.parse(value)
     except ValueError as exc:
-        raise ValueError(f"{_variable(attribute)}: {exc}") from None
+        raise ValueError(f"{variable_of(attribute)}: {exc}") from None
 
 
 @attrs.frozen(kw_only=True)
@@ -185,7 +170,7 @@ class ApiConfig:
         default="127.0.0.1", metadata=env("VISIONA_API_HOST", "address to listen on")
     )
     port: int = attrs.field(
-        default=3721, validator=_port, metadata=env("VISIONA_API_PORT", "port to listen on")
+        default=3721, validator=port, metadata=env("VISIONA_API_PORT", "port to listen on")
     )
     public_url: str = attrs.field(
         default="http://127.0.0.1:3721",
@@ -238,7 +223,7 @@ class ApiConfig:
     )
     pairing_token_ttl: float = attrs.field(
         default=600.0,
-        validator=_positive,
+        validator=positive,
         metadata=env("VISIONA_PAIRING_TOKEN_TTL", "seconds a pairing token stays usable"),
     )
     forward_prefixes: str = attrs.field(
@@ -251,7 +236,7 @@ class ApiConfig:
     )
     forward_timeout: float = attrs.field(
         default=60.0,
-        validator=_positive,
+        validator=positive,
         metadata=env(
             "VISIONA_FORWARD_TIMEOUT",
             "seconds the remote-proxy may keep a forward waiting (for its answer, or to take "
@@ -298,27 +283,27 @@ class ApiConfig:
     )
     log_level: str = attrs.field(
         default="info",
-        validator=_one_of(*LOG_LEVELS),
+        validator=one_of(*LOG_LEVELS),
         metadata=env("VISIONA_LOG_LEVEL", "debug, info, warning, error"),
     )
     environment: str = attrs.field(
         default="production",
-        validator=_one_of(*ENVIRONMENTS),
+        validator=one_of(*ENVIRONMENTS),
         metadata=env("VISIONA_ENV", "production, or dev (generates and prints missing secrets)"),
     )
     session_idle_timeout: float = attrs.field(
         default=1800.0,
-        validator=_positive,
+        validator=positive,
         metadata=env("VISIONA_SESSION_IDLE_TIMEOUT", "seconds a session lives unused"),
     )
     session_max_age: float = attrs.field(
         default=43200.0,
-        validator=_positive,
+        validator=positive,
         metadata=env("VISIONA_SESSION_MAX_AGE", "seconds a session lives at most"),
     )
     login_timeout: float = attrs.field(
         default=600.0,
-        validator=_positive,
+        validator=positive,
         metadata=env("VISIONA_LOGIN_TIMEOUT", "seconds a started login may take"),
     )
     rate_limit_login: str = attrs.field(
@@ -347,7 +332,7 @@ class ApiConfig:
     )
     storage_backend: str = attrs.field(
         default="localfs",
-        validator=_one_of(*STORAGE_BACKENDS),
+        validator=one_of(*STORAGE_BACKENDS),
         metadata=env("VISIONA_STORAGE_BACKEND", "where model files are kept: localfs or s3"),
     )
     storage_signing_secret: str = attrs.field(
@@ -378,12 +363,12 @@ class ApiConfig:
     )
     model_max_size_mb: int = attrs.field(
         default=100,
-        validator=_port,
+        validator=at_least(1),
         metadata=env("VISIONA_MODEL_MAX_SIZE_MB", "the largest model file, in MB (10^6 bytes)"),
     )
     model_upload_ttl: float = attrs.field(
         default=3600.0,
-        validator=_positive,
+        validator=positive,
         metadata=env(
             "VISIONA_MODEL_UPLOAD_TTL",
             "seconds an upload URL is valid; a model not finalized by then is swept away",
@@ -391,12 +376,12 @@ class ApiConfig:
     )
     model_sweep_interval: float = attrs.field(
         default=300.0,
-        validator=_positive,
+        validator=positive,
         metadata=env("VISIONA_MODEL_SWEEP_INTERVAL", "seconds between sweeps of stale uploads"),
     )
     db_threads: int = attrs.field(
         default=8,
-        validator=_port,
+        validator=at_least(1),
         metadata=env("VISIONA_DB_THREADS", "worker threads for database calls"),
     )
 

@@ -7,7 +7,6 @@ hypercorn serves the app until ``stop()``.
 
 from __future__ import annotations
 
-import errno
 import logging
 from collections.abc import Callable
 
@@ -18,6 +17,7 @@ from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
+from ..common.lifecycle import CannotListen, cannot_listen
 from .api.models import sweep_forever
 from .app import create_app
 from .config import ApiConfig
@@ -51,10 +51,6 @@ def hypercorn_config(config: ApiConfig) -> HypercornConfig:
     return hyper
 
 
-class CannotListen(Exception):
-    """The listening address cannot be bound; the message names it and why."""
-
-
 def listen(config: ApiConfig) -> tuple[HypercornConfig, Sockets]:
     """The hypercorn settings and the bound sockets.
 
@@ -68,8 +64,7 @@ def listen(config: ApiConfig) -> tuple[HypercornConfig, Sockets]:
             sock.listen(hyper.backlog)
         return hyper, sockets
     except OSError as exc:
-        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-        raise CannotListen(f"cannot listen on {hyper.bind[0]}: {reason}") from None
+        raise cannot_listen(hyper.bind[0], exc, "VISIONA_API_PORT") from None
 
 
 async def serve_api_server(

@@ -33,17 +33,43 @@ def env(name: str, help: str = "") -> dict[str, str]:
 LOG_LEVELS = ("debug", "info", "warning", "warn", "error", "critical")
 
 
+def variable_of(attribute: attrs.Attribute[Any]) -> str:
+    """The environment variable of a field (its name if it has none), for messages."""
+    return str(attribute.metadata.get(_ENV_KEY, attribute.name))
+
+
 def one_of(*choices: str) -> Callable[[object, attrs.Attribute[str], str], None]:
     """An attrs validator: the value, in lower case, is one of ``choices`` (the error names
     the variable)."""
 
     def check(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
         if value.lower() not in choices:
-            variable = attribute.metadata.get(_ENV_KEY, attribute.name)
             expected = ", ".join(choices)
-            raise ValueError(f"{variable}: expected one of {expected}; got {value!r}")
+            raise ValueError(f"{variable_of(attribute)}: expected one of {expected}; got {value!r}")
 
     return check
+
+
+def port(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    """An attrs validator: a TCP port, 0 (any free one) included."""
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{variable_of(attribute)}: port must be within 0..65535, got {value}")
+
+
+def at_least(minimum: int) -> Callable[[object, attrs.Attribute[int], int], None]:
+    """An attrs validator: a whole number of at least ``minimum``."""
+
+    def check(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+        if value < minimum:
+            raise ValueError(f"{variable_of(attribute)}: must be at least {minimum}, got {value}")
+
+    return check
+
+
+def positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
+    """An attrs validator: a number above zero."""
+    if not value > 0:
+        raise ValueError(f"{variable_of(attribute)}: must be positive, got {value}")
 
 
 def describe_variables(cls: type[Any]) -> str:

@@ -1,15 +1,59 @@
-"""Running a service process until SIGINT or SIGTERM, then stopping it gracefully."""
+"""Running a service process: until SIGINT or SIGTERM, then stopping it gracefully; a
+listening address that cannot be bound is one line and exit code 1, not a traceback."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import trio
 
-__all__ = ["Stoppable", "serve_until_signal"]
+__all__ = [
+    "CannotListen",
+    "Stoppable",
+    "cannot_listen",
+    "fail",
+    "run_service",
+    "serve_until_signal",
+]
+
+
+class CannotListen(Exception):
+    """A listener's address cannot be bound; the message names it (and its variable) and
+    why."""
+
+
+def cannot_listen(address: str, exc: OSError, variable: str | None = None) -> CannotListen:
+    reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+    named = f" ({variable})" if variable else ""
+    return CannotListen(f"cannot listen on {address}{named}: {reason or exc}")
+
+
+def fail(prog: str, message: str, code: int) -> int:
+    """One line on stderr; the exit code."""
+    print(f"{prog}: {message}", file=sys.stderr)
+    return code
+
+
+def run_service(
+    prog: str, serve: Callable[..., Awaitable[Any]], config: object, logger: logging.Logger
+) -> int:
+    """:func:`serve_until_signal` in a new trio run; the process's exit code."""
+    failure: str | None = None
+    try:
+        trio.run(serve_until_signal, serve, config, logger)
+    except* CannotListen as group:
+        failure = str(_first(group))
+    return fail(prog, failure, 1) if failure else 0
+
+
+def _first(group: BaseExceptionGroup[CannotListen]) -> CannotListen:
+    first = group.exceptions[0]
+    return _first(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 class Stoppable(Protocol):

@@ -10,15 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import trio
-
 from visiona_tunnel.agent import OneLineArgumentParser
 
 from ..common.envconfig import ConfigError, describe_variables
-from ..common.lifecycle import serve_until_signal
+from ..common.lifecycle import fail, run_service
 from ..common.logs import configure_logging
 from .config import ProxyConfig
-from .service import CannotListen, logger, serve_remote_proxy
+from .service import logger, serve_remote_proxy
 
 PROG = "visiona-remote-proxy"
 
@@ -34,16 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
 
-def _fail(message: str, code: int) -> int:
-    print(f"{PROG}: {message}", file=sys.stderr)
-    return code
-
-
-def _first(group: BaseExceptionGroup[CannotListen]) -> CannotListen:
-    first = group.exceptions[0]
-    return _first(first) if isinstance(first, BaseExceptionGroup) else first
-
-
 def main(argv: list[str] | None = None) -> int:
     build_parser().parse_args(argv)
     # JSON lines from the first one on: reading the configuration may log already.
@@ -51,18 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = ProxyConfig.from_env()
     except ConfigError as exc:
-        return _fail(str(exc), 2)
+        return fail(PROG, str(exc), 2)
     configure_logging(config.log_level)
     if config.secret_generated:  # VISIONA_ENV=dev: the api-server needs the same secret
         print(f"{PROG}: VISIONA_ENV=dev, generated (give the api-server the same):")
         print(f"  VISIONA_INTERNAL_SECRET={config.internal_secret}")
         sys.stdout.flush()
-    failure: str | None = None
-    try:
-        trio.run(serve_until_signal, serve_remote_proxy, config, logger)
-    except* CannotListen as group:  # a busy port: one line, not a traceback
-        failure = str(_first(group))
-    return _fail(failure, 1) if failure else 0
+    return run_service(PROG, serve_remote_proxy, config, logger)
 
 
 if __name__ == "__main__":

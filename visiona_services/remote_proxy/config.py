@@ -9,22 +9,10 @@ from collections.abc import Mapping
 
 import attrs
 
-from ..common.envconfig import LOG_LEVELS, ConfigError, env, load, one_of
+from ..common.envconfig import LOG_LEVELS, ConfigError, env, load, one_of, port, positive
 from ..common.internal_url import InternalUrl
 
 logger = logging.getLogger("visiona_services.remote_proxy")
-
-
-def _port(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
-    if not 0 <= value <= 65535:
-        variable = attribute.metadata.get("env", attribute.name)
-        raise ValueError(f"{variable}: port must be within 0..65535, got {value}")
-
-
-def _positive(instance: object, attribute: attrs.Attribute[float], value: float) -> None:
-    if not value > 0:
-        variable = attribute.metadata.get("env", attribute.name)
-        raise ValueError(f"{variable}: must be positive, got {value}")
 
 
 def _api_url(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
@@ -72,7 +60,7 @@ class ProxyConfig:
     )
     tunnel_port: int = attrs.field(
         default=3800,
-        validator=_port,
+        validator=port,
         metadata=env("VISIONA_TUNNEL_PORT", "port of the agents' tunnel listener"),
     )
     #: Which server runs the tunnel listener: ``raw`` (ours) or ``hypercorn``.
@@ -92,7 +80,7 @@ class ProxyConfig:
     )
     internal_port: int = attrs.field(
         default=3801,
-        validator=_port,
+        validator=port,
         metadata=env("VISIONA_PROXY_INTERNAL_PORT", "port of the internal API"),
     )
     #: Shared secret of the internal API (``Authorization: Bearer <secret>``).
@@ -141,7 +129,7 @@ class ProxyConfig:
     #: A forwarded request whose response head takes longer than this gets 504.
     forward_timeout: float = attrs.field(
         default=30.0,
-        validator=_positive,
+        validator=positive,
         metadata=env(
             "VISIONA_PROXY_FORWARD_TIMEOUT",
             "seconds an agent has for a response head, else 504 TUNNEL_TIMEOUT",
@@ -150,13 +138,13 @@ class ProxyConfig:
     #: On SIGTERM, how long in-flight forwards may take to finish.
     shutdown_grace: float = attrs.field(
         default=20.0,
-        validator=_positive,
+        validator=positive,
         metadata=env("VISIONA_PROXY_SHUTDOWN_GRACE", "seconds in-flight forwards get on shutdown"),
     )
     #: Seconds between the heartbeat lines of ``GET /internal/events``.
     events_heartbeat: float = attrs.field(
         default=5.0,
-        validator=_positive,
+        validator=positive,
         metadata=env(
             "VISIONA_PROXY_EVENTS_HEARTBEAT",
             "seconds between the heartbeat lines of GET /internal/events",

@@ -12,7 +12,6 @@ next instance), then stop both servers.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -26,6 +25,7 @@ from hypercorn.utils import wrap_app
 
 from visiona_tunnel import yamux
 
+from ..common.lifecycle import cannot_listen
 from .config import ProxyConfig
 from .internal_app import create_internal_app, internal_hypercorn_config
 from .state import ProxyState
@@ -45,17 +45,8 @@ class RunningProxy:
     stop: Callable[[], None]
 
 
-class CannotListen(Exception):
-    """A listener's address cannot be bound; the message names it, its variable and why."""
-
-
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _cannot_listen(address: str, variable: str, exc: OSError) -> CannotListen:
-    reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
-    return CannotListen(f"cannot listen on {address} ({variable}): {reason or exc}")
 
 
 def _listen_hypercorn(hyper: HypercornConfig, variable: str) -> Sockets:
@@ -69,7 +60,7 @@ def _listen_hypercorn(hyper: HypercornConfig, variable: str) -> Sockets:
         for sock in sockets.insecure_sockets:
             sock.listen(hyper.backlog)
     except OSError as exc:
-        raise _cannot_listen(hyper.bind[0], variable, exc) from None
+        raise cannot_listen(hyper.bind[0], exc, variable) from None
     return sockets
 
 
@@ -135,7 +126,7 @@ async def _tunnel_server(
         listeners = await trio.open_tcp_listeners(config.tunnel_port, host=config.tunnel_host)
     except OSError as exc:
         address = _address(config.tunnel_host, config.tunnel_port)
-        raise _cannot_listen(address, "VISIONA_TUNNEL_PORT", exc) from None
+        raise cannot_listen(address, exc, "VISIONA_TUNNEL_PORT") from None
     return functools.partial(
         serve_tunnel_listener_raw,
         state,
