@@ -298,6 +298,22 @@ async def test_a_refused_upgrade_raises_with_the_status() -> None:
     assert raised.value.body == b"unauthorized\n"
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [b"", b"not http at all\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel"],
+    ids=["closed", "garbage", "cut-short"],
+)
+async def test_an_answer_that_is_not_a_handshake_is_a_broken_dial(answer: bytes) -> None:
+    async def answer_badly(tcp: trio.SocketStream) -> None:
+        await tcp.receive_some()
+        await tcp.send_all(answer)
+        await tcp.aclose()
+
+    async with tcp_server(answer_badly) as port:
+        with pytest.raises(trio.BrokenResourceError):
+            await connect_websocket_stream(f"ws://127.0.0.1:{port}/tunnel/connect")
+
+
 async def test_the_request_target_and_headers_reach_the_server() -> None:
     seen: list[tuple[str, list[tuple[bytes, bytes]]]] = []
 

@@ -37,6 +37,7 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import RemoteProtocolError
 
 from .chunks import ChunkBuffer, checked_max_bytes
 from .conflict import ConflictDetector
@@ -407,6 +408,7 @@ async def client_handshake(
 
     Raises:
         WebSocketRejected: the server answered with an HTTP status instead of 101.
+        trio.BrokenResourceError: the connection closed, or the answer was not HTTP.
     """
     ws = WSConnection(ConnectionType.CLIENT)
     extra = [(_b(name), _b(value)) for name, value in headers]
@@ -415,8 +417,12 @@ async def client_handshake(
     body = bytearray()
     while True:
         data = await transport.receive_some(RECEIVE_SIZE)
-        ws.receive_data(bytes(data) or None)
-        for event in ws.events():
+        try:
+            ws.receive_data(bytes(data) or None)
+            events = list(ws.events())
+        except RemoteProtocolError as exc:  # not an HTTP answer: a failed dial, like EOF
+            raise trio.BrokenResourceError(f"bad WebSocket handshake answer: {exc}") from None
+        for event in events:
             if isinstance(event, AcceptConnection):
                 assert ws.connection is not None
                 return WebSocketStream(transport, ws.connection, max_message_size=max_message_size)
