@@ -6,6 +6,8 @@ Run it (from the repository root)::
     .venv/bin/python benchmarks/tunnel_http.py --size-scale 0.05 --rounds 1   # quick look
     .venv/bin/python benchmarks/tunnel_http.py --chains direct,py-relay+py-agent \\
         --workloads download --json /tmp/tunnel.json --log-dir /tmp/tunnel-logs
+    .venv/bin/python benchmarks/tunnel_http.py --chains api     # the api-server's hop:
+    # direct,proxy+py-agent,api+py-agent,proxy+go-agent,api+go-agent
 
 Parties and chains
 ------------------
@@ -21,7 +23,14 @@ Every party is its own process, everything on 127.0.0.1:
 * **proxy**: the remote-proxy service, ``python -m visiona_services.remote_proxy``, configured
   by environment (tunnel and internal listeners on free ports of 127.0.0.1, picked by binding
   port 0 first; a random internal secret; ``VISIONA_PROXY_STATIC_TOKENS`` with the bench
-  token; ``VISIONA_LOG_LEVEL=warning``).
+  token; ``VISIONA_LOG_LEVEL=warning``); in the ``api+`` chains with
+  ``VISIONA_API_INTERNAL_URL`` instead (device tokens verified by the api-server).
+* **api**: the api-server, ``python -m visiona_services.api_server`` (``VISIONA_ENV=dev``,
+  SQLite in a fresh ``VISIONA_DATA_DIR`` per run, its own free port, the proxy's internal URL
+  and tunnel URL, a shared internal secret, ``VISIONA_FORWARD_PREFIXES=/small,/bytes/,/sink``
+  so that the server's routes are forwarded at the same paths, ``VISIONA_LOG_LEVEL=warning``).
+* **idp**: the dev identity provider the api-server logs users in with,
+  ``node devidp/provider.mjs`` (``make devidp``) on a free port; idle while measured.
 * **load**: where the requests come from.
 
 Chains (``--chains``):
@@ -38,6 +47,19 @@ Chains (``--chains``):
   <secret>``) -> the proxy's internal API ``/internal/forward/<device>/<path>`` (hypercorn,
   streamed both ways) -> agent (connected to the proxy's tunnel listener with the static
   token) -> server. The load starts once ``GET /internal/sessions/<device>`` answers 200.
+* ``api+py-agent``, ``api+go-agent``: the browser's way. load (h11 client with the bench
+  user's session cookie, and ``X-CSRF: 1`` on the POST) -> the api-server's forwarded paths
+  ``/small``, ``/bytes/N``, ``/sink`` (hypercorn, raw ASGI forward) -> the proxy's
+  ``/internal/forward/<device>/...`` -> agent -> server. Before the load, the orchestrator
+  logs the user ``bench`` in at the provider headlessly (``examples.devbrowser``), asks for
+  a pairing token (``POST /api/pairing/token``) and trades it at the exchange as an agent
+  does (``visiona_tunnel.pairing.pair_device``); the agent dials the ``relay_url`` with the
+  ``device_token`` it got, and the load starts once the proxy has the device's session.
+  The column "vs proxy+<agent>" is the ratio to the ``proxy+`` chain with the same agent,
+  in the same round: what the api-server's hop costs.
+
+``--chains api`` is the preset ``direct,proxy+py-agent,api+py-agent,proxy+go-agent,
+api+go-agent`` (``all``, the default: every chain).
 
 Each (round, workload, chain) is one *run* with fresh processes. Runs are interleaved
 round-robin (every round runs every workload on every chain, the chain order rotating each
@@ -69,6 +91,7 @@ core over that section (the clock ticks at 10 ms, so short runs are coarse). In 
 py-relay chains the relay and the load are one process (``relay+load``). ``others`` is the
 rest of the machine's busy time meanwhile (other jobs; /proc/stat), to spot interference:
 the machine has 2 cores, so the parties plus ``others`` add up to at most 200%.
+The ``api+`` chains list ``api`` and ``idp`` too.
 
 Failures and hangs
 ------------------
@@ -92,6 +115,7 @@ import os
 import platform
 import random
 import secrets
+import shutil
 import signal
 import socket
 import statistics
@@ -120,6 +144,7 @@ from benchmarks.stream_throughput import (  # noqa: E402
     exception_summary,
     task_dump,
 )
+from visiona_tunnel.pairing import PairingResult, pair_device  # noqa: E402
 from visiona_tunnel.relay import Tunnel, TunnelRegistry, serve_tunnel_listener  # noqa: E402
 
 KiB = 1024
@@ -135,12 +160,28 @@ CHAINS = (
     "go-relay+py-agent",
     "proxy+py-agent",
     "proxy+go-agent",
+    "api+py-agent",
+    "api+go-agent",
 )
+#: ``--chains`` names for lists of chains.
+PRESETS: dict[str, tuple[str, ...]] = {
+    "all": CHAINS,
+    "api": ("direct", "proxy+py-agent", "api+py-agent", "proxy+go-agent", "api+go-agent"),
+}
 WORKLOADS = ("small", "download", "upload")
 BASELINES = ("direct", "go-relay+go-agent")
 TOKEN = "bench-token"
 #: The load's environment variable with the remote-proxy's internal secret (proxy chains).
 BEARER_ENV = "TUNNEL_HTTP_BEARER"
+#: The load's environment variable with the bench user's session cookie (api chains).
+SESSION_ENV = "TUNNEL_HTTP_SESSION"
+#: The user the api chains log in, and the paths the api-server forwards to the server.
+API_USER = "bench"
+API_FORWARD_PREFIXES = "/small,/bytes/,/sink"
+DEVIDP_DIR = ROOT / "devidp"
+#: The dev provider's ready line (``oidc-provider listening on <issuer>``).
+IDP_READY = "oidc-provider listening on "
+SESSION_COOKIE = "visiona_session"
 DEVICE = "bench-device"
 #: The body of ``GET /small``.
 SMALL_BODY = (b"0123456789abcdef" * 7)[:100]
@@ -368,16 +409,23 @@ class Requester(Protocol):
 
 
 class H11Requester:
-    """One keep-alive HTTP/1.1 connection (reopened if the server ends it)."""
+    """One keep-alive HTTP/1.1 connection (reopened if the server ends it); every request
+    carries ``extra_headers``, a POST ``post_headers`` too."""
 
     def __init__(
-        self, port: int, prefix: str, block: bytes, extra_headers: Sequence[tuple[str, str]] = ()
+        self,
+        port: int,
+        prefix: str,
+        block: bytes,
+        extra_headers: Sequence[tuple[str, str]] = (),
+        post_headers: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.port = port
         self.prefix = prefix
         self.block = block
         self.host = f"{HOST}:{port}"
         self.extra_headers = list(extra_headers)
+        self.post_headers = list(post_headers)
         self.stream: trio.SocketStream | None = None
         self.conn = h11.Connection(h11.CLIENT)
         self.connections = 0
@@ -390,7 +438,7 @@ class H11Requester:
         stream, conn = self.stream, self.conn
         headers = [("Host", self.host), *self.extra_headers]
         if method == "POST":
-            headers.append(("Content-Length", str(upload)))
+            headers += [*self.post_headers, ("Content-Length", str(upload))]
         request = h11.Request(method=method, target=self.prefix + target, headers=headers)
         await send_events(conn, stream, request)
         for chunk in iter_chunks(upload, self.block):
@@ -644,11 +692,17 @@ async def run_workload(
 async def _load(args: argparse.Namespace, spec: RunSpec) -> dict[str, Any]:
     parties = await wait_for_pids(args.pids_file, {"load": os.getpid()})
     block = payload(spec.seed)
-    # The remote-proxy's internal API wants its secret (passed by environment, not argv).
+    # The remote-proxy's internal API wants its secret, the api-server a session (passed
+    # by environment, not argv).
     secret = os.environ.get(BEARER_ENV)
+    session = os.environ.get(SESSION_ENV)
     extra = [("Authorization", f"Bearer {secret}")] if secret else []
+    post: list[tuple[str, str]] = []
+    if session:
+        extra.append(("Cookie", f"{SESSION_COOKIE}={session}"))
+        post.append(("X-CSRF", "1"))  # as the browser sends it on unsafe methods
     return await run_workload(
-        lambda: H11Requester(args.port, args.prefix, block, extra), spec, parties
+        lambda: H11Requester(args.port, args.prefix, block, extra, post), spec, parties
     )
 
 
@@ -823,29 +877,100 @@ class _Run:
         secret = secrets.token_urlsafe(24)
         for attempt in range(3):
             tunnel_port, internal_port = _free_ports(2)
-            env = {
-                "VISIONA_TUNNEL_HOST": HOST,
-                "VISIONA_TUNNEL_PORT": str(tunnel_port),
-                "VISIONA_PROXY_INTERNAL_HOST": HOST,
-                "VISIONA_PROXY_INTERNAL_PORT": str(internal_port),
-                "VISIONA_INTERNAL_SECRET": secret,
-                "VISIONA_PROXY_STATIC_TOKENS": f"{TOKEN}={DEVICE}",
-                "VISIONA_ENV": "production",
-                "VISIONA_LOG_LEVEL": "warning",
-                # The run is over when the proxy is stopped: no need to wait for forwards.
-                "VISIONA_PROXY_SHUTDOWN_GRACE": "1",
-            }
-            cmd = [sys.executable, "-m", "visiona_services.remote_proxy"]
-            proxy = self.start("proxy", cmd, env)
+            tokens = {"VISIONA_PROXY_STATIC_TOKENS": f"{TOKEN}={DEVICE}"}
+            started = len(self.parties)
             try:
-                self.wait_http(proxy, internal_port, "/internal/sessions", secret)
+                proxy = self._proxy(tunnel_port, internal_port, secret, tokens)
             except RunFailed:
-                if attempt < 2 and "address already in use" in proxy.stderr().lower():
-                    self.parties.remove(proxy)
+                if attempt < 2 and self._lost_a_port(started):
                     continue
                 raise
             return proxy, tunnel_port, internal_port, secret
         raise AssertionError("unreachable")
+
+    def _proxy(
+        self, tunnel_port: int, internal_port: int, secret: str, tokens: Mapping[str, str]
+    ) -> Party:
+        """The remote-proxy on these ports, once its internal API answers; ``tokens``: how it
+        verifies device tokens (static ones, or the api-server's URL)."""
+        env = {
+            "VISIONA_TUNNEL_HOST": HOST,
+            "VISIONA_TUNNEL_PORT": str(tunnel_port),
+            "VISIONA_PROXY_INTERNAL_HOST": HOST,
+            "VISIONA_PROXY_INTERNAL_PORT": str(internal_port),
+            "VISIONA_INTERNAL_SECRET": secret,
+            "VISIONA_ENV": "production",
+            "VISIONA_LOG_LEVEL": "warning",
+            # The run is over when the proxy is stopped: no need to wait for forwards.
+            "VISIONA_PROXY_SHUTDOWN_GRACE": "1",
+            **tokens,
+        }
+        proxy = self.start("proxy", [sys.executable, "-m", "visiona_services.remote_proxy"], env)
+        self.wait_http(proxy, internal_port, "/internal/sessions", secret)
+        return proxy
+
+    def _lost_a_port(self, started: int) -> bool:
+        """Whether a party started since ``len(self.parties) == started`` failed on a port
+        another process took meanwhile; if so, stop and forget those parties (to retry)."""
+        fresh = self.parties[started:]
+        if not any("address already in use" in p.stderr().lower() for p in fresh):
+            return False
+        _stop(fresh)
+        del self.parties[started:]
+        return True
+
+    def start_api_system(self) -> ApiSystem:
+        """The dev identity provider, the remote-proxy (verifying device tokens with the
+        api-server) and the api-server, on free ports (retried as :meth:`start_proxy`), once
+        the api-server answers ``/healthz``."""
+        node = shutil.which("node")
+        if node is None:
+            raise RunFailed("the api chains need node (and `make devidp`)")
+        secret = secrets.token_urlsafe(24)
+        for attempt in range(3):
+            api_port, tunnel_port, internal_port = _free_ports(3)
+            api_url = f"http://{HOST}:{api_port}"
+            started = len(self.parties)
+            try:
+                idp = self.start("idp", [node, str(DEVIDP_DIR / "provider.mjs")], _idp_env(api_url))
+                issuer = self.wait_line(idp, IDP_READY).removeprefix(IDP_READY).strip()
+                tokens = {"VISIONA_API_INTERNAL_URL": api_url}
+                proxy = self._proxy(tunnel_port, internal_port, secret, tokens)
+                env = {
+                    "VISIONA_ENV": "dev",
+                    "VISIONA_DATA_DIR": str(self.workdir / f"{self.tag}-api-data"),
+                    "VISIONA_DATABASE_URL": "",  # SQLite under the data dir
+                    "VISIONA_API_HOST": HOST,
+                    "VISIONA_API_PORT": str(api_port),
+                    "VISIONA_PUBLIC_URL": api_url,
+                    "VISIONA_OIDC_ISSUER": issuer,
+                    "VISIONA_OIDC_CLIENT_ID": "visiona-web",
+                    "VISIONA_OIDC_CLIENT_SECRET": "",
+                    "VISIONA_SESSION_SECRET": secrets.token_urlsafe(32),
+                    "VISIONA_INTERNAL_SECRET": secret,
+                    "VISIONA_PROXY_INTERNAL_URL": f"http://{HOST}:{internal_port}",
+                    "VISIONA_TUNNEL_PUBLIC_URL": f"ws://{HOST}:{tunnel_port}/tunnel/connect",
+                    "VISIONA_FORWARD_PREFIXES": API_FORWARD_PREFIXES,
+                    "VISIONA_LOG_LEVEL": "warning",
+                }
+                api = self.start("api", [sys.executable, "-m", "visiona_services.api_server"], env)
+                self.wait_http(api, api_port, "/healthz", secret)
+            except RunFailed:
+                if attempt < 2 and self._lost_a_port(started):
+                    continue
+                raise
+            return ApiSystem(api, api_url, proxy, internal_port, secret)
+        raise AssertionError("unreachable")
+
+    def pair(self, api_url: str) -> tuple[str, PairingResult]:
+        """Log :data:`API_USER` in and pair a device through the real flow; returns the
+        session cookie and the exchange's answer (``device_id``, ``device_token``,
+        ``relay_url``)."""
+        limit = max(1.0, self.deadline - time.monotonic())
+        try:
+            return trio.run(_login_and_pair, api_url, limit)
+        except (Exception, trio.TooSlowError) as exc:
+            raise RunFailed(f"login and pairing failed: {exc!r}") from exc
 
     def wait_exit(self, party: Party) -> None:
         """Wait for ``party`` to exit; another party exiting first fails the run (after a
@@ -866,17 +991,79 @@ class _Run:
             raise RunFailed(", ".join(f"{p.name} exited early ({p.proc.returncode})" for p in dead))
 
     def stop_all(self) -> None:
-        running = [p for p in self.parties if p.proc.poll() is None]
-        for party in running:
-            with contextlib.suppress(ProcessLookupError):
-                party.proc.send_signal(signal.SIGTERM)
-        grace = time.monotonic() + STOP_GRACE
-        for party in running:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                party.proc.wait(max(0.0, grace - time.monotonic()))
-            if party.proc.poll() is None:
-                party.proc.kill()
-                party.proc.wait()
+        _stop(self.parties)
+
+
+def _stop(parties: Sequence[Party]) -> None:
+    """SIGTERM to those still running, SIGKILL after :data:`STOP_GRACE`."""
+    running = [p for p in parties if p.proc.poll() is None]
+    for party in running:
+        with contextlib.suppress(ProcessLookupError):
+            party.proc.send_signal(signal.SIGTERM)
+    grace = time.monotonic() + STOP_GRACE
+    for party in running:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            party.proc.wait(max(0.0, grace - time.monotonic()))
+        if party.proc.poll() is None:
+            party.proc.kill()
+            party.proc.wait()
+
+
+@dataclasses.dataclass(frozen=True)
+class ApiSystem:
+    """The api chains' services (the provider is a party of the run too)."""
+
+    api: Party
+    api_url: str
+    proxy: Party
+    proxy_internal_port: int
+    secret: str
+
+    @property
+    def api_port(self) -> int:
+        return int(self.api_url.rsplit(":", 1)[1])
+
+
+def _idp_env(api_url: str) -> dict[str, str]:
+    """``devidp/provider.mjs`` on a free port of 127.0.0.1 with one public client for the
+    api-server at ``api_url`` (its other variables emptied: not inherited)."""
+    env = dict.fromkeys(("ISSUER", "CLIENT_SECRET", "JWKS_FILE", "ID_TOKEN_TTL", "COOKIE_KEY"), "")
+    env.update(
+        PORT="0",
+        HOST=HOST,
+        CLIENT_ID="visiona-web",
+        REDIRECT_URIS=f"{api_url}/api/auth/callback",
+        POST_LOGOUT_REDIRECT_URIS=f"{api_url}/",
+        BACKCHANNEL_LOGOUT_URI=f"{api_url}/api/auth/backchannel-logout",
+    )
+    return env
+
+
+async def _login_and_pair(api_url: str, limit: float) -> tuple[str, PairingResult]:
+    """As a person and an agent would: log in at the provider (headless), ask for a pairing
+    token, trade it at the exchange."""
+    import httpx
+
+    from examples.devbrowser import login_at_provider
+
+    with trio.fail_after(limit):
+        async with httpx.AsyncClient(base_url=api_url) as browser:
+            login = await browser.get("/api/auth/login")
+            if login.status_code != 302:
+                raise RuntimeError(f"GET /api/auth/login answered {login.status_code}")
+            callback = await login_at_provider(browser, login.headers["location"], API_USER)
+            back = await browser.get(callback)
+            session = browser.cookies.get(SESSION_COOKIE)
+            if back.status_code != 302 or not session:
+                raise RuntimeError(f"the login callback answered {back.status_code}: {back.text}")
+            created = await browser.post(
+                "/api/pairing/token", json={"name": "bench device"}, headers={"X-CSRF": "1"}
+            )
+            if created.status_code != 201:
+                raise RuntimeError(f"POST /api/pairing/token: {created.status_code} {created.text}")
+            token = created.json()["data"]["token"]
+        paired = await pair_device(api_url, token, backoff_base=0.1, backoff_cap=1.0)
+    return session, paired
 
 
 def _free_ports(count: int) -> list[int]:
@@ -903,10 +1090,12 @@ def _http_status(port: int, path: str, secret: str) -> int | None:
         conn.close()
 
 
-def _agent_cmd(kind: str, binaries: Any, relay_url: str, local_port: int) -> list[str]:
+def _agent_cmd(
+    kind: str, binaries: Any, relay_url: str, local_port: int, token: str = TOKEN
+) -> list[str]:
     local = f"{HOST}:{local_port}"
     if kind == "go-agent":
-        return [str(binaries.agent), "-relay-url", relay_url, "-token", TOKEN, "-local", local]
+        return [str(binaries.agent), "-relay-url", relay_url, "-token", token, "-local", local]
     return [
         sys.executable,
         "-m",
@@ -914,7 +1103,7 @@ def _agent_cmd(kind: str, binaries: Any, relay_url: str, local_port: int) -> lis
         "--relay-url",
         relay_url,
         "--token",
-        TOKEN,
+        token,
         "--local",
         local,
         "--log-level",
@@ -970,6 +1159,17 @@ def run_once(
             run.write_pids(["server", "proxy", "agent"])
             extra = ("--port", str(internal_port), "--prefix", f"/internal/forward/{DEVICE}")
             load = run.start("load", run.python("load", spec, *extra), {BEARER_ENV: secret})
+        elif chain.startswith("api+"):
+            agent_kind = chain.split("+")[1]
+            system = run.start_api_system()
+            session, paired = run.pair(system.api_url)
+            cmd = _agent_cmd(agent_kind, binaries, paired.relay_url, port, paired.device_token)
+            run.start("agent", cmd)
+            sessions = f"/internal/sessions/{paired.device_id}"
+            run.wait_http(system.proxy, system.proxy_internal_port, sessions, system.secret)
+            run.write_pids(["server", "idp", "proxy", "api", "agent"])
+            at_api = ("--port", str(system.api_port))
+            load = run.start("load", run.python("load", spec, *at_api), {SESSION_ENV: session})
         else:
             relay_kind, agent_kind = chain.split("+")
             if relay_kind == "py-relay":
@@ -1065,7 +1265,7 @@ def _print_run(record: dict[str, Any]) -> None:
         print(f"    note: teardown raised after the measurement: {last}", flush=True)
 
 
-PARTY_ORDER = ("load", "relay+load", "relay", "proxy", "agent", "server", "others")
+PARTY_ORDER = ("load", "relay+load", "relay", "api", "proxy", "agent", "server", "idp", "others")
 
 
 def _cpu_text(cpu: Mapping[str, Mapping[str, float]]) -> str:
@@ -1095,10 +1295,19 @@ def summarize(
     runs: Sequence[dict[str, Any]], chains: Sequence[str], workloads: Sequence[str]
 ) -> tuple[list[dict[str, Any]], str]:
     baselines = [b for b in BASELINES if b in chains]
+    # An api chain is also compared with the proxy chain of the same agent: its extra hop.
+    references = {
+        chain: "proxy+" + chain[4:]
+        for chain in chains
+        if chain.startswith("api+") and "proxy+" + chain[4:] in chains
+    }
     head = "| workload | chain | result: median (min-max) | runs ok |"
     head += "".join(f" vs {b} (same round) |" for b in baselines)
+    if references:
+        head += " vs proxy+<same agent> (same round) |"
     head += " CPU, % of one core (median) |"
-    lines = [head, "|" + "---|" * (5 + len(baselines))]
+    lines = [head, "|" + "---|" * (5 + len(baselines) + bool(references))]
+    per_round: list[str] = []
     rows: list[dict[str, Any]] = []
     for workload in workloads:
         by_chain = {
@@ -1106,7 +1315,8 @@ def summarize(
             for chain in chains
         }
         base_by_round = {
-            b: {r["round"]: r for r in by_chain[b] if r["ok"] and r["value"]} for b in baselines
+            b: {r["round"]: r for r in by_chain[b] if r["ok"] and r["value"]}
+            for b in {*baselines, *references.values()}
         }
         for chain in chains:
             mine = by_chain[chain]
@@ -1158,17 +1368,42 @@ def summarize(
                     )
                 else:
                     cells.append("-")
+            if references:
+                reference = references.get(chain)
+                if reference is None:
+                    cells.append("(baseline)" if chain in references.values() else "")
+                else:
+                    pairs = [
+                        (r["round"], r["value"] / base_by_round[reference][r["round"]]["value"])
+                        for r in ok
+                        if r["round"] in base_by_round[reference]
+                    ]
+                    ratios = [ratio for _, ratio in pairs]
+                    row["ratio_vs_proxy"] = ratios
+                    if ratios:
+                        row["ratio_vs_proxy_median"] = statistics.median(ratios)
+                        cells.append(
+                            f"**{statistics.median(ratios):.2f}x** "
+                            f"({min(ratios):.2f}-{max(ratios):.2f})"
+                        )
+                        each = ", ".join(f"r{n} {ratio:.2f}x" for n, ratio in pairs)
+                        per_round.append(f"- {workload}, {chain} / {reference}: {each}")
+                    else:
+                        cells.append("-")
             rows.append(row)
             lines.append(
                 f"| {label} | {chain} | {result} | {len(ok)}/{len(mine)} | "
                 + "".join(f"{c} | " for c in cells)
                 + f"{cpu_text} |"
             )
+    if per_round:
+        lines += ["", "Per round:", *per_round]
     return rows, "\n".join(lines)
 
 
 def _orchestrate(args: argparse.Namespace) -> int:
-    chains = [s.strip() for s in args.chains.split(",") if s.strip()]
+    names = [s.strip() for s in args.chains.split(",") if s.strip()]
+    chains = list(dict.fromkeys(c for name in names for c in PRESETS.get(name, (name,))))
     workloads = [s.strip() for s in args.workloads.split(",") if s.strip()]
     unknown = [c for c in chains if c not in CHAINS] + [w for w in workloads if w not in WORKLOADS]
     if unknown:
@@ -1185,6 +1420,15 @@ def _orchestrate(args: argparse.Namespace) -> int:
         except (gobuild.GoToolchainMissing, gobuild.GoBuildFailed) as exc:
             print(f"cannot build the Go peers ({exc}); leave out the go chains", file=sys.stderr)
             return 2
+    if any(chain.startswith("api+") for chain in chains) and not (
+        shutil.which("node") and (DEVIDP_DIR / "node_modules" / "oidc-provider").is_dir()
+    ):
+        print(
+            "the api chains need node and the dev provider's modules (make devidp); "
+            "leave out the api chains",
+            file=sys.stderr,
+        )
+        return 2
     started = time.strftime("%Y-%m-%d %H:%M:%S %z")
     print(
         f"# tunnel_http: {started}, python {platform.python_version()}, trio {trio.__version__}, "
@@ -1234,7 +1478,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
     )
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--chains", default=",".join(CHAINS), help="comma list: " + ",".join(CHAINS))
+    p.add_argument(
+        "--chains",
+        default="all",
+        help="comma list of chains or presets; chains: "
+        + ",".join(CHAINS)
+        + "; presets: "
+        + "; ".join(f"{name} = {','.join(chains)}" for name, chains in PRESETS.items()),
+    )
     p.add_argument("--workloads", default=",".join(WORKLOADS), help="small,download,upload")
     p.add_argument("--size-scale", type=float, default=1.0, help="scale bytes and requests")
     p.add_argument("--requests", type=int, default=5000, help="small: timed requests")

@@ -566,6 +566,102 @@ async def test_body_iterable_failing_resets_the_stream_and_is_the_forward_errors
         await yamux_tunnel.wait_agents_done()
 
 
+# -- a body framed by Content-Length is read without h11 ---------------------------------------
+
+
+async def raw_exchange(
+    method: str, answer: Sequence[bytes], *, eof: bool
+) -> tuple[HttpResponse | None, bytes, BaseException | None]:
+    """``forward_http`` against a hand-driven peer that writes ``answer`` (each piece its
+    own write, after the request head), then closes if ``eof``. The response (None if the
+    head failed), the body read until the end or the failure, and the failure."""
+    relay_end, peer_end = trio.testing.memory_stream_pair()
+    body = bytearray()
+    response: HttpResponse | None = None
+    failure: BaseException | None = None
+
+    async def peer() -> None:
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += await peer_end.receive_some()
+        for piece in answer:
+            await peer_end.send_all(piece)
+            await trio.sleep(0.01)  # one piece per read
+        if eof:
+            await peer_end.aclose()
+        else:
+            await trio.sleep_forever()
+
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer)
+            try:
+                response = await forward_http(nursery, relay_end, method, "/x")
+                async with response:
+                    async for chunk in response.body:
+                        body += chunk
+            except ForwardError as exc:
+                failure = exc
+            nursery.cancel_scope.cancel()
+    return response, bytes(body), failure
+
+
+HEAD_10 = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        [HEAD_10 + b"0123456789"],
+        [HEAD_10 + b"0123", b"456", b"789"],
+        [HEAD_10, b"0123456789"],
+        # Whatever follows the body is not part of it (h11 would take it for a next
+        # response, which a client never reads).
+        [HEAD_10 + b"0123456789HTTP/1.1 200 OK\r\n"],
+        [HEAD_10 + b"01234", b"56789 and more"],
+    ],
+    ids=["with-the-head", "in-pieces", "after-the-head", "more-with-the-head", "more-after"],
+)
+async def test_a_content_length_body_is_taken_whole_and_no_further(answer: list[bytes]) -> None:
+    response, body, failure = await raw_exchange("GET", answer, eof=False)
+    assert failure is None
+    assert response is not None and response.complete
+    assert body == b"0123456789"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [[HEAD_10 + b"0123"], [HEAD_10, b"0123"], [HEAD_10]],
+    ids=["with-the-head", "after-the-head", "no-body"],
+)
+async def test_a_content_length_body_cut_short_is_a_forward_error(answer: list[bytes]) -> None:
+    response, body, failure = await raw_exchange("GET", answer, eof=True)
+    assert response is not None and not response.complete
+    assert body == b"".join(answer)[len(HEAD_10) :]
+    assert isinstance(failure, ForwardError)
+    assert isinstance(failure.__cause__, h11.RemoteProtocolError)
+    assert f"received {len(body)} bytes, expected 10" in str(failure)
+
+
+@pytest.mark.parametrize(
+    ("method", "head"),
+    [
+        ("HEAD", HEAD_10),
+        ("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
+        ("GET", b"HTTP/1.1 204 No Content\r\n\r\n"),
+        ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+    ],
+    ids=["head", "304", "204", "empty"],
+)
+async def test_responses_without_a_body_have_none_whatever_their_content_length(
+    method: str, head: bytes
+) -> None:
+    response, body, failure = await raw_exchange(method, [head], eof=False)
+    assert failure is None
+    assert response is not None and response.complete
+    assert body == b""
+
+
 # -- memory stays bounded -------------------------------------------------------------------
 
 

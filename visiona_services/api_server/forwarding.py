@@ -171,6 +171,11 @@ def _proxy_failure(exc: Exception) -> ApiError | None:
     return None
 
 
+#: Reads of the remote-proxy's response: on a busy machine more than the tunnel's 64 KiB
+#: often waits on this TCP connection, and fewer, larger pieces cost less CPU per byte on
+#: their way to the browser (15-20% less for a download than 64 KiB reads;
+#: docs/performance.md).
+PROXY_READ_SIZE = 256 * 1024
 _PROXY_TIMEOUT = ApiError(504, "REMOTE_PROXY_TIMEOUT", "the remote-proxy did not answer in time")
 _PROXY_BROKEN = ApiError(502, "REMOTE_PROXY_UNAVAILABLE", "the remote-proxy failed to answer")
 
@@ -297,5 +302,12 @@ class ForwardDispatcher:
         stream = await self._connect()
         headers = [*headers, self._authorization]
         return await forward_http(
-            nursery, stream, method, target, headers, body, host=self.proxy.netloc
+            nursery,
+            stream,
+            method,
+            target,
+            headers,
+            body,
+            host=self.proxy.netloc,
+            read_size=PROXY_READ_SIZE,
         )

@@ -165,21 +165,46 @@ class HttpUpstream:
 
 
 class _UpstreamTimer:
-    """``timeout`` of waiting on the upstream (see the module docstring): the deadline of
-    :attr:`scope`, which covers the exchange with the upstream."""
+    """``timeout`` of waiting on the upstream (see the module docstring), kept by
+    :attr:`scope`, which covers the exchange with the upstream.
 
-    def __init__(self, timeout: float) -> None:
+    Until a request body streams, the scope's deadline is the clock. Once one does
+    (:meth:`body_streams`), the clock moves twice per chunk, and moving a cancel scope's
+    deadline costs far more than the two attribute writes that the clock then is: a
+    watchdog task in ``nursery`` cancels the scope once the clock has run ``timeout`` since
+    it last restarted. (Always having the watchdog would cost a task per forward.)
+    """
+
+    def __init__(self, timeout: float, nursery: trio.Nursery) -> None:
         self.timeout = timeout
         self.scope = trio.CancelScope()
+        self._nursery = nursery
         #: Until the head, the upstream owes us one; after it, only an upload chunk in flight.
         self.head_pending = True
-        self.restart()
+        #: Whether the clock runs, and since when.
+        self.running = True
+        self.since = trio.current_time()
+        self.scope.deadline = self.since + timeout
+        #: Whether the watchdog keeps the clock (the scope's deadline is then infinite).
+        self._watched = False
 
     def restart(self) -> None:
-        self.scope.deadline = trio.current_time() + self.timeout
+        self.since = trio.current_time()
+        self.running = True
+        if not self._watched:
+            self.scope.deadline = self.since + self.timeout
 
     def pause(self) -> None:
-        self.scope.deadline = math.inf
+        self.running = False
+        if not self._watched:
+            self.scope.deadline = math.inf
+
+    def body_streams(self) -> None:
+        """A request body is streamed: the watchdog keeps the clock from here on."""
+        if not self._watched:
+            self._watched = True
+            self.scope.deadline = math.inf
+            self._nursery.start_soon(self._watch)
 
     def head_arrived(self, upload_done: bool) -> None:
         self.head_pending = False
@@ -193,8 +218,20 @@ class _UpstreamTimer:
     def response_moved(self) -> None:
         """After the head, a chunk of the response went out: an upload chunk in flight
         gets its time again (the upstream may be waiting for the caller to read)."""
-        if self.scope.deadline != math.inf:
+        if self.running:
             self.restart()
+
+    async def _watch(self) -> None:
+        """Cancel :attr:`scope` when the time is up; while the clock is paused, look again
+        every ``timeout`` (a restart can only move the end later than that)."""
+        while True:
+            now = trio.current_time()
+            if not self.running:
+                deadline = now + self.timeout
+            elif now >= (deadline := self.since + self.timeout):
+                self.scope.cancel()
+                return
+            await trio.sleep_until(deadline)
 
 
 class _Caller:
@@ -241,6 +278,8 @@ class _Caller:
             first, self._pending = self._pending, b""
             self._on_bytes(len(first))
             return first
+        if not self.body_complete:
+            self._timer.body_streams()
         while not self.body_complete:
             self._timer.pause()  # waiting on the caller is not the upstream's fault
             message = await self._receive()
@@ -308,9 +347,9 @@ class _Exchange:
         if first["type"] == "http.disconnect":
             return self.status
         upstream = self.upstream
-        timer = _UpstreamTimer(upstream.timeout)
         ending: ApiError | bool = False
         async with trio.open_nursery() as nursery:
+            timer = _UpstreamTimer(upstream.timeout, nursery)
             caller = _Caller(
                 self.receive,
                 first,
