@@ -17,6 +17,7 @@ from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
+from ..common.hypercorn_reads import read_larger_pieces
 from ..common.lifecycle import CannotListen, cannot_listen
 from .api.models import sweep_forever
 from .app import create_app
@@ -81,6 +82,7 @@ async def serve_api_server(
         CannotListen: the address cannot be bound.
     """
     hyper, bound = listen(config) if sockets is None else (hypercorn_config(config), sockets)
+    read_larger_pieces()  # uploads (forwards, storage) cost less CPU per byte
     stopping = trio.Event()
     async with open_services(config) as services, trio.open_nursery() as background:
         background.start_soon(follow_tunnel_events, services)
