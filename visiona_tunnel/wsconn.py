@@ -19,7 +19,7 @@ import copy
 import os
 import ssl
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from urllib.parse import urlsplit
 
 import trio
@@ -30,6 +30,7 @@ from wsproto.events import (
     AcceptConnection,
     BytesMessage,
     CloseConnection,
+    Event,
     Ping,
     RejectConnection,
     RejectData,
@@ -419,10 +420,9 @@ async def client_handshake(
         data = await transport.receive_some(RECEIVE_SIZE)
         try:
             ws.receive_data(bytes(data) or None)
-            events = list(ws.events())
         except RemoteProtocolError as exc:  # not an HTTP answer: a failed dial, like EOF
             raise trio.BrokenResourceError(f"bad WebSocket handshake answer: {exc}") from None
-        for event in events:
+        for event in _handshake_events(ws):
             if isinstance(event, AcceptConnection):
                 assert ws.connection is not None
                 return WebSocketStream(transport, ws.connection, max_message_size=max_message_size)
@@ -439,6 +439,20 @@ async def client_handshake(
                     raise WebSocketRejected(status, reply_headers, bytes(body))
         if not data:
             raise trio.BrokenResourceError("connection closed during the WebSocket handshake")
+
+
+def _handshake_events(ws: WSConnection) -> Iterator[Event]:
+    """``ws.events()``, lazily (what follows the 101 must stay unread in ``ws.connection``
+    for the stream), with an answer that is not HTTP as a broken dial, like EOF."""
+    events = ws.events()
+    while True:
+        try:
+            event = next(events)
+        except StopIteration:
+            return
+        except RemoteProtocolError as exc:
+            raise trio.BrokenResourceError(f"bad WebSocket handshake answer: {exc}") from None
+        yield event
 
 
 class WebSocketRequest:
