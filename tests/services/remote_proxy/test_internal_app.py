@@ -478,7 +478,9 @@ async def test_upload_100_mib_is_byte_exact_with_bounded_memory(
 async def test_200_slow_forwards_run_concurrently(
     proxy: Proxy, agent: PyAgent, local: ProxyLocalServer
 ) -> None:
-    count, delay_ms = 200, 500
+    # Each request stays 2 s at the device, so that on a loaded machine the 200 still
+    # overlap (at 500 ms one CI run saw 99 at once).
+    count, delay_ms = 200, 2000
     statuses: list[int] = []
 
     async def one() -> None:
