@@ -81,7 +81,9 @@ import h11
 import httpx
 import trio
 
+# Run as a script: the tests' support package and the benchmarks package importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from support.rclone import (
     ACCESS_KEY,
@@ -91,6 +93,7 @@ from support.rclone import (
     rclone_serve_s3,
 )
 
+from benchmarks.procstat import cpu_seconds, machine_busy_seconds
 from visiona_services.api_server.storage import LocalFSStore, S3Store, Store
 
 MiB = 1024 * 1024
@@ -245,28 +248,6 @@ URL_TTL = 3600
 #: How long the api-server may take to answer /healthz, and one transfer to finish.
 START_TIMEOUT = 60.0
 TRANSFER_TIMEOUT = 600.0
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all CPUs spent busy (not idle or iowait) since boot, from /proc/stat."""
-    try:
-        with open("/proc/stat", "rb") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return (sum(fields[:8]) - fields[3] - fields[4]) / _CLK_TCK
 
 
 def status_mib(pid: int, field: str) -> float | None:

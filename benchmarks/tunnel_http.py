@@ -136,6 +136,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script: make visiona_tunnel and tests importable
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.procstat import cpu_seconds, machine_busy_seconds  # noqa: E402
 from benchmarks.stream_throughput import (  # noqa: E402
     _dump_task_tree,
     _percentile,
@@ -507,28 +508,6 @@ class TunnelRequester:
 # --------------------------------------------------------------------------------------------
 
 MACHINE = "(machine)"
-_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process ``pid`` (all its threads), from /proc."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all CPUs spent busy (not idle or iowait) since boot, from /proc/stat."""
-    try:
-        with open("/proc/stat", "rb") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    return (sum(fields[:8]) - fields[3] - fields[4]) / _CLK_TCK
 
 
 def cpu_snapshot(parties: Mapping[str, int]) -> dict[str, float | None]:
