@@ -53,7 +53,6 @@ from .storage import (
     ObjectTooLarge,
     RangeNotSatisfiable,
     SignedRequest,
-    SignedUrlError,
     StoreError,
 )
 
@@ -90,6 +89,8 @@ class StorageDispatcher:
             await self._serve(scope, body.receive, watch.send)
         except ApiError as error:
             await watch.fail(scope, error)
+        except StoreError as exc:  # signed URL refused, no such object ...
+            await watch.fail(scope, ApiError(exc.status, exc.code, str(exc)))
         except Exception:
             logger.exception("storage request failed unexpectedly")
             await watch.fail(scope, _INTERNAL)
@@ -104,12 +105,9 @@ class StorageDispatcher:
             allow = [("Allow", "GET, HEAD, PUT")]
             raise ApiError(405, "METHOD_NOT_ALLOWED", "GET, HEAD or PUT", allow)
         token = scope["path"][len(STORAGE_PREFIX) :]
-        try:
-            signed = store.verify_signed_url(token, method)
-        except SignedUrlError as exc:
-            raise ApiError(exc.status, exc.code, str(exc)) from None
+        signed = store.verify_signed_url(token, method)
         if method == "PUT":
-            await self._put(scope, receive, send, store, signed.key, signed)
+            await self._put(scope, receive, send, store, signed)
         else:
             await self._get(scope, send, store, signed.key, head=method == "HEAD")
 
@@ -119,7 +117,6 @@ class StorageDispatcher:
         receive: Receive,
         send: Send,
         store: LocalFSStore,
-        key: str,
         signed: SignedRequest,
     ) -> None:
         headers = scope.get("headers", [])
@@ -132,7 +129,7 @@ class StorageDispatcher:
             raise ApiError(413, "PAYLOAD_TOO_LARGE", f"at most {signed.max_size} bytes")
         try:
             info = await store.put(
-                key,
+                signed.key,
                 _request_chunks(receive),
                 size,
                 signed.content_type or content_type or "application/octet-stream",
@@ -146,8 +143,6 @@ class StorageDispatcher:
             raise ApiError(400, "UPLOAD_INCOMPLETE", str(exc)) from None
         except ObjectTooLarge:
             raise ApiError(413, "PAYLOAD_TOO_LARGE", f"at most {signed.max_size} bytes") from None
-        except StoreError as exc:
-            raise ApiError(exc.status, exc.code, str(exc)) from None
         etag = f'"{info.etag}"'.encode()
         await send_json(
             send,
@@ -179,8 +174,6 @@ class StorageDispatcher:
                 ),
             )
             return
-        except StoreError as exc:
-            raise ApiError(exc.status, exc.code, str(exc)) from None
         async with reader:
             info = reader.info
             headers = [

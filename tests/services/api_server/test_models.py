@@ -151,6 +151,19 @@ async def test_a_storage_url_that_is_not_ours_is_refused(api: Api) -> None:
     assert wrong_method.status_code == 405
 
 
+async def test_a_download_url_of_a_deleted_model_finds_nothing(api: Api) -> None:
+    async with api.browser() as browser:
+        await _logged_in(api, browser)
+        upload = await _init(browser, 10)
+        await _upload(upload, _body(10))
+        ready = await browser.post(f"/api/models/{upload['model_id']}/finalize", headers=CSRF)
+        await browser.delete(f"/api/models/{upload['model_id']}", headers=CSRF)
+    async with httpx.AsyncClient() as client:
+        gone = await client.get(ready.json()["data"]["download_url"])
+    assert gone.status_code == 404
+    assert gone.json()["error"]["code"] == "OBJECT_NOT_FOUND"
+
+
 async def test_an_upload_cut_short_leaves_nothing(api: Api) -> None:
     async with api.browser() as browser:
         await _logged_in(api, browser)
