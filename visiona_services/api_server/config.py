@@ -9,6 +9,7 @@ them for the operator to print.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 from collections.abc import Mapping
@@ -128,6 +129,12 @@ def _prefixes(instance: object, attribute: attrs.Attribute[str], value: str) -> 
 def _scopes(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     if "openid" not in value.split():
         raise ValueError(f"{variable_of(attribute)}: must include 'openid', got {value!r}")
+
+
+@functools.cache
+def _origins_of(urls: str) -> frozenset[str]:
+    """The origins of comma-separated URLs."""
+    return frozenset(origin_of(item) for item in _split(urls))
 
 
 def _without_trailing_slash(value: object) -> str:
@@ -405,13 +412,13 @@ class ApiConfig:
 
     @property
     def allowed_origins(self) -> frozenset[str]:
-        """The origins trusted for CSRF and CORS: ours and the configured ones."""
-        configured = (origin_of(item) for item in _split(self.cors_allowed_origins))
-        return frozenset({origin_of(self.public_url), *configured})
+        """The origins trusted for CSRF and CORS: ours and the configured ones (checked on
+        every request: parsed once)."""
+        return _origins_of(self.cors_allowed_origins) | _origins_of(self.public_url)
 
     @property
     def cors_origins(self) -> frozenset[str]:
-        return frozenset(origin_of(item) for item in _split(self.cors_allowed_origins))
+        return _origins_of(self.cors_allowed_origins)
 
     @property
     def model_max_size(self) -> int:
