@@ -149,13 +149,7 @@ async def demo_credentials(api: ApiConfig, issuer: str) -> DeviceCredentials:
         )
         token = created.json()["data"]["token"]
     paired = await pair_device(api.public_url, token)
-    credentials = DeviceCredentials(
-        device_id=paired.device_id,
-        device_token=paired.device_token,
-        relay_url=paired.relay_url,
-        api_url=api.public_url,
-        paired_at=DeviceCredentials.now(),
-    )
+    credentials = DeviceCredentials.of_pairing(paired, api.public_url)
     store_credentials(path, credentials)
     return credentials
 

@@ -344,13 +344,7 @@ async def pair_and_store(plan: Pair, config: ClientConfig) -> Connect:
         )
     except PairingError as exc:
         raise AgentExit(str(exc)) from None
-    credentials = DeviceCredentials(
-        device_id=result.device_id,
-        device_token=result.device_token,
-        relay_url=result.relay_url,
-        api_url=plan.api_url,
-        paired_at=DeviceCredentials.now(),
-    )
+    credentials = DeviceCredentials.of_pairing(result, plan.api_url)
     try:
         await trio.to_thread.run_sync(store_credentials, plan.credentials_path, credentials)
     except CredentialsError as exc:

@@ -22,6 +22,7 @@ from pathlib import Path
 import attrs
 
 from .client import check_relay_url
+from .pairing import PairingResult
 
 __all__ = [
     "CREDENTIALS_FILE_MODE",
@@ -62,6 +63,17 @@ class DeviceCredentials:
     def now() -> str:
         """The current time as :attr:`paired_at` writes it."""
         return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+    @classmethod
+    def of_pairing(cls, result: PairingResult, api_url: str) -> DeviceCredentials:
+        """What a pairing exchange at ``api_url`` just gave, paired now."""
+        return cls(
+            device_id=result.device_id,
+            device_token=result.device_token,
+            relay_url=result.relay_url,
+            api_url=api_url,
+            paired_at=cls.now(),
+        )
 
     def to_json(self) -> dict[str, str]:
         return {name: getattr(self, name) for name in _FIELDS}
