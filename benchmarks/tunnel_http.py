@@ -145,8 +145,9 @@ from benchmarks.stream_throughput import (  # noqa: E402
     exception_summary,
     task_dump,
 )
+from visiona_tunnel.listener import admit_with, serve_tunnel_listener  # noqa: E402
 from visiona_tunnel.pairing import PairingResult, pair_device  # noqa: E402
-from visiona_tunnel.relay import Tunnel, TunnelRegistry, serve_tunnel_listener  # noqa: E402
+from visiona_tunnel.relay import Tunnel, TunnelRegistry  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -692,9 +693,10 @@ async def _pyrelay(args: argparse.Namespace, spec: RunSpec) -> dict[str, Any]:
 
     registry = TunnelRegistry()
     async with trio.open_nursery() as nursery:
-        serve = partial(serve_tunnel_listener, registry, verify_token, host=HOST, port=0)
-        listeners: list[trio.SocketListener] = await nursery.start(serve)
-        print(f"TUNNEL PORT {listeners[0].socket.getsockname()[1]}", flush=True)
+        admit = admit_with(verify_token)
+        serve = partial(serve_tunnel_listener, registry, admit, host=HOST, port=0)
+        urls: list[str] = await nursery.start(serve)
+        print(f"TUNNEL PORT {urls[0].rsplit(':', 1)[1]}", flush=True)
         tunnel = await registry.wait_for(DEVICE)
         print("AGENT CONNECTED", flush=True)
         parties = await wait_for_pids(args.pids_file, {"relay+load": os.getpid()})

@@ -3,10 +3,10 @@
 Layers, bottom up: :mod:`visiona_tunnel.yamux` (the multiplexer), :mod:`~visiona_tunnel.wsconn`
 (a WebSocket as a byte stream), :mod:`~visiona_tunnel.forward` and
 :mod:`~visiona_tunnel.httpstream` (one HTTP exchange per stream, agent and relay side),
-:mod:`~visiona_tunnel.client` (the reconnecting agent) and :mod:`~visiona_tunnel.relay`
-(live tunnels by device). Beside them, :mod:`~visiona_tunnel.pairing` (trade a pairing token
-for a device token at the api-server) and :mod:`~visiona_tunnel.credentials` (where the agent
-keeps it).
+:mod:`~visiona_tunnel.client` (the reconnecting agent), :mod:`~visiona_tunnel.relay`
+(live tunnels by device) and :mod:`~visiona_tunnel.listener` (where agents dial in).
+Beside them, :mod:`~visiona_tunnel.pairing` (trade a pairing token for a device token at the
+api-server) and :mod:`~visiona_tunnel.credentials` (where the agent keeps it).
 """
 
 from .backoff import backoff
@@ -28,6 +28,14 @@ from .credentials import (
 )
 from .forward import serve_tunnel_stream
 from .httpstream import ForwardError, HttpResponse, forward_http
+from .listener import (
+    Answer,
+    ListenerRequest,
+    Refusal,
+    admit_with,
+    plain_text,
+    serve_tunnel_listener,
+)
 from .pairing import (
     PairingError,
     PairingFailed,
@@ -37,7 +45,15 @@ from .pairing import (
     exchange_pairing_token,
     pair_device,
 )
-from .relay import Tunnel, TunnelDown, TunnelRegistry, TunnelStats, TunnelUp, serve_tunnel_listener
+from .relay import (
+    TokenVerifier,
+    Tunnel,
+    TunnelDown,
+    TunnelRegistry,
+    TunnelStats,
+    TunnelUp,
+    VerifierUnavailable,
+)
 from .wsconn import (
     CLOSE_REPLACED,
     WebSocketClosed,
@@ -50,6 +66,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CLOSE_REPLACED",
+    "Answer",
     "ClientConfig",
     "ClientHooks",
     "ClientState",
@@ -57,23 +74,28 @@ __all__ = [
     "DeviceCredentials",
     "ForwardError",
     "HttpResponse",
+    "ListenerRequest",
     "PairingError",
     "PairingFailed",
     "PairingRefused",
     "PairingResult",
     "PairingUnavailable",
+    "Refusal",
     "Replaced",
     "TokenRefused",
+    "TokenVerifier",
     "Tunnel",
     "TunnelClient",
     "TunnelDown",
     "TunnelRegistry",
     "TunnelStats",
     "TunnelUp",
+    "VerifierUnavailable",
     "WebSocketClosed",
     "WebSocketRejected",
     "WebSocketStream",
     "__version__",
+    "admit_with",
     "backoff",
     "check_relay_url",
     "connect_websocket_stream",
@@ -82,6 +104,7 @@ __all__ = [
     "forward_http",
     "load_credentials",
     "pair_device",
+    "plain_text",
     "serve_tunnel_listener",
     "serve_tunnel_stream",
     "store_credentials",

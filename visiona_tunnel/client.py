@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import ssl
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -92,6 +93,8 @@ class ClientConfig:
     #: A forwarded request with no byte moving either way for this long is abandoned.
     stream_idle_timeout: float = 300.0
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    #: How a ``wss://`` relay is verified (the system's trust store when None).
+    ssl_context: ssl.SSLContext | None = None
 
 
 def parse_local_addr(value: str) -> tuple[str, int]:
@@ -245,7 +248,9 @@ class TunnelClient:
         url = f"{self.relay_url}{separator}token={quote(self.token, safe='')}"
         try:
             return await connect_websocket_stream(
-                url, max_message_size=self.config.max_message_size
+                url,
+                max_message_size=self.config.max_message_size,
+                ssl_context=self.config.ssl_context,
             )
         except WebSocketRejected as exc:
             if exc.status_code in (401, 403):

@@ -3,7 +3,8 @@
 A :class:`TunnelRegistry` owns the live tunnels by key (the device id). ``await
 registry.serve(key, ws)`` runs one tunnel, a yamux *server* session over an accepted
 WebSocket, until it ends; a newer tunnel for the same key replaces the older one, which is
-closed with :data:`~visiona_tunnel.wsconn.CLOSE_REPLACED`. Callers reach the agent through
+closed with :data:`~visiona_tunnel.wsconn.CLOSE_REPLACED`. Agents reach it through
+:func:`visiona_tunnel.listener.serve_tunnel_listener`. Callers reach the agent through
 :meth:`Tunnel.forward_http` (one HTTP/1.1 request per yamux stream) or :meth:`Tunnel.open_raw`
 (a stream for an upgrade they drive themselves).
 """
@@ -12,11 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from typing import Protocol
-from urllib.parse import parse_qs, urlsplit
 
 import attrs
 import trio
@@ -24,13 +23,7 @@ import trio
 from . import yamux
 from .client import TUNNEL_YAMUX_CONFIG
 from .httpstream import HttpResponse, forward_http
-from .wsconn import (
-    CLOSE_REPLACED,
-    DEFAULT_MAX_MESSAGE_SIZE,
-    RECEIVE_SIZE,
-    WebSocketStream,
-    receive_websocket_request,
-)
+from .wsconn import CLOSE_REPLACED
 
 logger = logging.getLogger("visiona_tunnel.relay")
 
@@ -267,87 +260,7 @@ class TokenVerifier(Protocol):
     async def __call__(self, token: str) -> str | None: ...
 
 
-def token_from_request(target: str, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """The device token: query parameter ``token`` or ``Authorization: Bearer``."""
-    for name, value in headers:
-        if name.lower() == b"authorization" and value[:7].lower() == b"bearer ":
-            return value[7:].decode("latin-1").strip() or None
-    tokens = parse_qs(urlsplit(target).query).get("token")
-    return tokens[0] if tokens else None
-
-
-#: After a tunnel ends, how long its agent has to read our close frame and hang up.
-CLOSE_DRAIN_TIMEOUT = 10.0
-
-
-async def close_and_drain(ws: WebSocketStream, sock: trio.socket.SocketType) -> None:
-    """End an accepted tunnel's connection so the agent gets our close code.
-
-    Sends our close frame (unless one was sent, e.g. 4001 on replacement), then half-closes
-    ``sock`` -- a ``dup()`` of the WebSocket's socket, taken at accept, which outlives
-    ``ws.aclose()`` -- and reads (and drops) what the agent still sends until it hangs up.
-    Closing a socket with unread data would reset the connection, and an agent still
-    writing (a ping, a window update) would see 1006 instead of our code. Closes ``sock``;
-    bound it with a timeout (:data:`CLOSE_DRAIN_TIMEOUT`).
-    """
-    try:
-        await ws.aclose()
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
-            while await sock.recv(RECEIVE_SIZE):
-                pass
-    finally:
-        sock.close()
-
-
-async def serve_tunnel_listener(
-    registry: TunnelRegistry,
-    verify_token: TokenVerifier,
-    *,
-    host: str = "0.0.0.0",
-    port: int = 3800,
-    path: str = "/tunnel/connect",
-    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
-    handshake_timeout: float = 10.0,
-    task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Accept agents on a plain TCP listener: WebSocket upgrade at ``path``, token checked
-    before the upgrade (401 otherwise), then ``registry.serve``."""
-
-    async def handle(tcp: trio.SocketStream) -> None:
-        remote = "{}:{}".format(*tcp.socket.getpeername()[:2])
-        try:
-            with trio.fail_after(handshake_timeout):
-                request = await receive_websocket_request(tcp)
-                if urlsplit(request.target).path != path:
-                    await request.reject(404, b"not found\n")
-                    return
-                token = token_from_request(request.target, request.headers)
-                try:
-                    key = await verify_token(token) if token else None
-                except VerifierUnavailable:
-                    await request.reject(503, b"cannot check tokens now\n")
-                    return
-                if key is None:
-                    await request.reject(401, b"unauthorized\n")
-                    return
-                ws = await request.accept(max_message_size=max_message_size)
-                spare = tcp.socket.dup()  # for close_and_drain
-        except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
-            logger.info("tunnel handshake failed", extra={"remote": remote, "error": repr(exc)})
-            await trio.aclose_forcefully(tcp)
-            return
-        try:
-            await registry.serve(key, ws, remote_address=remote)
-        finally:
-            with trio.move_on_after(CLOSE_DRAIN_TIMEOUT):
-                await close_and_drain(ws, spare)
-
-    await trio.serve_tcp(handle, port, host=host, task_status=task_status)
-
-
 __all__ = [
-    "CLOSE_DRAIN_TIMEOUT",
     "TokenVerifier",
     "Tunnel",
     "TunnelDown",
@@ -356,7 +269,4 @@ __all__ = [
     "TunnelStats",
     "TunnelUp",
     "VerifierUnavailable",
-    "close_and_drain",
-    "serve_tunnel_listener",
-    "token_from_request",
 ]

@@ -1,5 +1,5 @@
 """The Go agent (``goagent``: gorilla/websocket + hashicorp/yamux) against the remote-proxy's
-tunnel listener (``create_tunnel_app`` on hypercorn, ``support.tunnelapp``): it comes up,
+tunnel listener (``serve_tunnels``, ``support.tunnelapp``): it comes up,
 traffic goes through it byte for byte, a newer agent replaces it with close 4001, a bad
 token gets 401. Waits are on the agent's stdout lines and the registry, each bounded.
 """

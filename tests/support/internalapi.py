@@ -31,7 +31,8 @@ from visiona_services.remote_proxy.internal_app import (
     internal_hypercorn_config,
 )
 from visiona_services.remote_proxy.state import ProxyState
-from visiona_tunnel.relay import serve_tunnel_listener
+from visiona_services.remote_proxy.tunnel_listener import serve_tunnels
+from visiona_services.remote_proxy.verify import StaticTokenVerifier
 
 from .data import pattern_pieces
 from .pyagent import PyAgent, start_py_agent
@@ -137,12 +138,9 @@ async def start_proxy(nursery: trio.Nursery, *, device: str = DEVICE, **config: 
     proxy_config = ProxyConfig(internal_secret=SECRET, internal_port=0, **config)
     state = ProxyState.create(proxy_config)
 
-    async def verify(token: str) -> str | None:
-        await trio.lowlevel.checkpoint()
-        return device if token == TOKEN else None
-
-    listen = partial(serve_tunnel_listener, state.tunnels, verify, host="127.0.0.1", port=0)
-    listeners: list[trio.SocketListener] = await nursery.start(listen)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    verifier = StaticTokenVerifier({TOKEN: device})
+    await nursery.start(partial(serve_tunnels, state, verifier, listeners=listeners))
     relay_port = listeners[0].socket.getsockname()[1]
     app = create_internal_app(state)
     hyper = internal_hypercorn_config(proxy_config)

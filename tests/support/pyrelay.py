@@ -19,7 +19,8 @@ import trio
 
 from visiona_tunnel.client import TUNNEL_YAMUX_CONFIG
 from visiona_tunnel.httpstream import HttpResponse
-from visiona_tunnel.relay import Tunnel, TunnelRegistry, serve_tunnel_listener
+from visiona_tunnel.listener import admit_with, serve_tunnel_listener
+from visiona_tunnel.relay import Tunnel, TunnelRegistry
 
 Headers = Iterable[tuple[bytes | str, bytes | str]]
 
@@ -64,12 +65,12 @@ class PyRelay:
                     serve = partial(
                         serve_tunnel_listener,
                         self.registry,
-                        self.verify_token,
+                        admit_with(self.verify_token),
                         host="127.0.0.1",
                         port=self.port,
                     )
-                    listeners: list[trio.SocketListener] = await nursery.start(serve)
-                    self.port = listeners[0].socket.getsockname()[1]
+                    urls: list[str] = await nursery.start(serve)
+                    self.port = int(urls[0].rsplit(":", 1)[1])
                     task_status.started(scope)
         finally:
             self._done.set()

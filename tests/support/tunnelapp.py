@@ -1,31 +1,25 @@
-"""The remote-proxy's tunnel listener on loopback, for tests: ``create_tunnel_app`` on
-hypercorn or ``serve_tunnel_listener_raw`` (``TUNNEL_SERVERS``); what an agent dials, the
-shared state, and its registry's events as a queue.
+"""The remote-proxy's tunnel listener on loopback, for tests (``serve_tunnels``, the one
+production runs); what an agent dials, the shared state, and its registry's events as a
+queue.
 """
 
 from __future__ import annotations
 
 import math
+import ssl
 from dataclasses import dataclass
 from functools import partial
 
 import attrs
-import hypercorn.trio
 import trio
 
 from visiona_services.remote_proxy.config import ProxyConfig
 from visiona_services.remote_proxy.state import ProxyState
-from visiona_services.remote_proxy.tunnel_app import (
-    TCP_USER_TIMEOUT,
-    create_tunnel_app,
-    tunnel_hypercorn_config,
-)
-from visiona_services.remote_proxy.tunnel_listener import serve_tunnel_listener_raw
+from visiona_services.remote_proxy.tunnel_listener import serve_tunnels
 from visiona_services.remote_proxy.verify import StaticTokenVerifier, TokenVerifier
+from visiona_tunnel.listener import TCP_USER_TIMEOUT
 from visiona_tunnel.relay import TunnelDown, TunnelEvent
 
-#: The implementations of the tunnel listener (``ProxyConfig.tunnel_server``).
-TUNNEL_SERVERS = ("hypercorn", "raw")
 #: How long one wait for a registry event may take.
 EVENT_TIMEOUT = 10.0
 
@@ -56,13 +50,13 @@ class TunnelListener:
     events: TunnelEvents
     #: Set it to shut the server down gracefully.
     shutdown: trio.Event
-    #: ``"hypercorn"`` or ``"raw"``.
-    server: str = "hypercorn"
+    #: ``ws`` or, with TLS, ``wss``.
+    scheme: str = "ws"
 
     @property
     def url(self) -> str:
         """What an agent dials (without the token)."""
-        return f"ws://127.0.0.1:{self.port}/tunnel/connect"
+        return f"{self.scheme}://127.0.0.1:{self.port}/tunnel/connect"
 
 
 async def start_tunnel_listener(
@@ -72,12 +66,10 @@ async def start_tunnel_listener(
     verifier: TokenVerifier | None = None,
     config: ProxyConfig | None = None,
     tcp_user_timeout: float = TCP_USER_TIMEOUT,
-    server: str = "hypercorn",
+    ssl_context: ssl.SSLContext | None = None,
 ) -> TunnelListener:
-    """The tunnel listener on 127.0.0.1 (a free port) in ``nursery``: with ``server``
-    ``"hypercorn"``, ``create_tunnel_app`` served by hypercorn with
-    ``tunnel_hypercorn_config`` (and ``tcp_user_timeout``); with ``"raw"``,
-    ``serve_tunnel_listener_raw``. ``verifier`` defaults to the static ``tokens``."""
+    """The tunnel listener on 127.0.0.1 (a free port) in ``nursery``, over TLS with
+    ``ssl_context``; ``verifier`` defaults to the static ``tokens``."""
     config = attrs.evolve(
         config or ProxyConfig(internal_secret="test-secret"), tunnel_host="127.0.0.1", tunnel_port=0
     )
@@ -86,22 +78,16 @@ async def start_tunnel_listener(
     state.tunnels.add_observer(events)
     verifier = verifier or StaticTokenVerifier(tokens or {})
     shutdown = trio.Event()
-    if server == "hypercorn":
-        hyper = tunnel_hypercorn_config(config)
-        hyper.tcp_user_timeout = tcp_user_timeout
-        app = create_tunnel_app(state, verifier)
-        serve = partial(hypercorn.trio.serve, app, hyper, shutdown_trigger=shutdown.wait)
-    elif server == "raw":
-        serve = partial(
-            serve_tunnel_listener_raw,
-            state,
-            verifier,
-            host=config.tunnel_host,
-            port=config.tunnel_port,
-            tcp_user_timeout=tcp_user_timeout,
-            shutdown_trigger=shutdown.wait,
-        )
-    else:
-        raise ValueError(f"unknown tunnel server {server!r}")
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    serve = partial(
+        serve_tunnels,
+        state,
+        verifier,
+        listeners=listeners,
+        ssl_context=ssl_context,
+        tcp_user_timeout=tcp_user_timeout,
+        shutdown_trigger=shutdown.wait,
+    )
     binds: list[str] = await nursery.start(serve)
-    return TunnelListener(state, int(binds[0].rsplit(":", 1)[1]), events, shutdown, server)
+    scheme = "wss" if ssl_context is not None else "ws"
+    return TunnelListener(state, int(binds[0].rsplit(":", 1)[1]), events, shutdown, scheme)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import ssl
 from collections.abc import Mapping
 
 import attrs
@@ -22,18 +23,6 @@ def _api_url(instance: object, attribute: attrs.Attribute[str], value: str) -> N
         except ValueError as exc:
             variable = attribute.metadata.get("env", attribute.name)
             raise ValueError(f"{variable}: {exc}") from None
-
-
-#: The tunnel listener's implementations (``VISIONA_TUNNEL_SERVER``): our own on trio
-#: sockets (h11 + wsproto), or hypercorn with the Quart app.
-TUNNEL_SERVERS = ("raw", "hypercorn")
-
-
-def _tunnel_server(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if value not in TUNNEL_SERVERS:
-        variable = attribute.metadata.get("env", attribute.name)
-        expected = " or ".join(repr(name) for name in TUNNEL_SERVERS)
-        raise ValueError(f"{variable}: expected {expected}, got {value!r}")
 
 
 def parse_static_tokens(text: str) -> dict[str, str]:
@@ -63,14 +52,18 @@ class ProxyConfig:
         validator=port,
         metadata=env("VISIONA_TUNNEL_PORT", "port of the agents' tunnel listener"),
     )
-    #: Which server runs the tunnel listener: ``raw`` (ours) or ``hypercorn``.
-    tunnel_server: str = attrs.field(
-        default="raw",
-        validator=_tunnel_server,
+    #: ``wss://`` directly: the tunnel listener's certificate chain and key (PEM files),
+    #: both or neither.
+    tunnel_tls_cert: str = attrs.field(
+        default="",
         metadata=env(
-            "VISIONA_TUNNEL_SERVER",
-            "the tunnel listener's server: raw (h11 + wsproto on trio sockets) or hypercorn",
+            "VISIONA_TUNNEL_TLS_CERT",
+            "PEM certificate chain: the tunnel listener speaks TLS (wss://); needs the key",
         ),
+    )
+    tunnel_tls_key: str = attrs.field(
+        default="",
+        metadata=env("VISIONA_TUNNEL_TLS_KEY", "PEM private key of VISIONA_TUNNEL_TLS_CERT"),
     )
     internal_host: str = attrs.field(
         default="127.0.0.1",
@@ -162,6 +155,28 @@ class ProxyConfig:
     def is_dev(self) -> bool:
         return self.environment.lower() in DEV_ENVIRONMENTS
 
+    def tunnel_ssl_context(self) -> ssl.SSLContext | None:
+        """The tunnel listener's TLS, when a certificate and key are configured.
+
+        Raises:
+            ValueError: only one of them is set, or they cannot be loaded.
+        """
+        if not self.tunnel_tls_cert and not self.tunnel_tls_key:
+            return None
+        if not (self.tunnel_tls_cert and self.tunnel_tls_key):
+            raise ValueError(
+                "VISIONA_TUNNEL_TLS_CERT and VISIONA_TUNNEL_TLS_KEY: set both or neither"
+            )
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(self.tunnel_tls_cert, self.tunnel_tls_key)
+        except OSError as exc:  # ssl.SSLError included
+            reason = exc.strerror or exc.reason if isinstance(exc, ssl.SSLError) else exc.strerror
+            raise ValueError(
+                f"VISIONA_TUNNEL_TLS_CERT / VISIONA_TUNNEL_TLS_KEY: cannot load: {reason or exc}"
+            ) from None
+        return context
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ProxyConfig:
         """Read the configuration; refuse a missing secret outside ``VISIONA_ENV=dev``.
@@ -172,6 +187,7 @@ class ProxyConfig:
         config = load(cls, os.environ if environ is None else environ)
         try:
             config.tokens  # noqa: B018 - validates the token list at start
+            config.tunnel_ssl_context()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         if not config.internal_secret:

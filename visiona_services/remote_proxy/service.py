@@ -1,7 +1,6 @@
 """The remote-proxy process: the tunnel listener and the internal listener in one trio
 process, sharing one :class:`ProxyState`. The internal listener is a hypercorn server; the
-tunnel listener is ours (:func:`.tunnel_listener.serve_tunnel_listener_raw`) or, with
-``VISIONA_TUNNEL_SERVER=hypercorn``, the Quart app on hypercorn (:mod:`.tunnel_app`).
+tunnel listener is the library's (:func:`.tunnel_listener.serve_tunnels`).
 
 Shutdown (``RunningProxy.stop()``, SIGTERM in ``__main__``): stop accepting tunnels and
 forwards, send GoAway to every agent, let in-flight forwards finish for up to
@@ -14,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -29,8 +28,7 @@ from ..common.lifecycle import cannot_listen
 from .config import ProxyConfig
 from .internal_app import create_internal_app, internal_hypercorn_config
 from .state import ProxyState
-from .tunnel_app import create_tunnel_app, tunnel_hypercorn_config
-from .tunnel_listener import GRACEFUL_TIMEOUT, serve_tunnel_listener_raw
+from .tunnel_listener import GRACEFUL_TIMEOUT, serve_tunnels
 from .verify import verifier_from_config
 
 logger = logging.getLogger("visiona_services.remote_proxy")
@@ -80,13 +78,26 @@ async def serve_remote_proxy(
     internal_hyper = internal_hypercorn_config(config)
     internal_sockets = _listen_hypercorn(internal_hyper, "VISIONA_PROXY_INTERNAL_PORT")
     try:
-        serve_tunnels = await _tunnel_server(config, state, shutdown_trigger=servers_done.wait)
-    except BaseException:
+        tunnel_listeners = await trio.open_tcp_listeners(
+            config.tunnel_port, host=config.tunnel_host
+        )
+    except OSError as exc:
         for sock in internal_sockets.insecure_sockets:
             sock.close()
-        raise
+        address = _address(config.tunnel_host, config.tunnel_port)
+        raise cannot_listen(address, exc, "VISIONA_TUNNEL_PORT") from None
     async with trio.open_nursery() as nursery:
-        tunnel_urls = await nursery.start(serve_tunnels)
+        tunnel_urls = await nursery.start(
+            functools.partial(
+                serve_tunnels,
+                state,
+                verifier_from_config(config),
+                listeners=tunnel_listeners,
+                ssl_context=config.tunnel_ssl_context(),
+                shutdown_trigger=servers_done.wait,
+                graceful_timeout=min(GRACEFUL_TIMEOUT, config.shutdown_grace),
+            )
+        )
         internal_urls = await nursery.start(
             functools.partial(
                 worker_serve,
@@ -101,40 +112,6 @@ async def serve_remote_proxy(
         await stopping.wait()
         await drain(state, config.shutdown_grace)
         servers_done.set()
-
-
-async def _tunnel_server(
-    config: ProxyConfig, state: ProxyState, *, shutdown_trigger: Callable[[], Awaitable[None]]
-) -> Callable[..., Awaitable[None]]:
-    """The tunnel listener that ``config.tunnel_server`` names, its address bound, for
-    ``nursery.start`` (started with the bound URLs).
-
-    Raises:
-        CannotListen: the address cannot be bound.
-    """
-    verifier = verifier_from_config(config)
-    if config.tunnel_server == "hypercorn":
-        hyper = tunnel_hypercorn_config(config)
-        return functools.partial(
-            worker_serve,
-            wrap_app(create_tunnel_app(state, verifier), hyper.wsgi_max_body_size, None),
-            hyper,
-            sockets=_listen_hypercorn(hyper, "VISIONA_TUNNEL_PORT"),
-            shutdown_trigger=shutdown_trigger,
-        )
-    try:
-        listeners = await trio.open_tcp_listeners(config.tunnel_port, host=config.tunnel_host)
-    except OSError as exc:
-        address = _address(config.tunnel_host, config.tunnel_port)
-        raise cannot_listen(address, exc, "VISIONA_TUNNEL_PORT") from None
-    return functools.partial(
-        serve_tunnel_listener_raw,
-        state,
-        verifier,
-        listeners=listeners,
-        shutdown_trigger=shutdown_trigger,
-        graceful_timeout=min(GRACEFUL_TIMEOUT, config.shutdown_grace),
-    )
 
 
 async def drain(state: ProxyState, grace: float) -> None:

@@ -14,10 +14,10 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
-import attrs
 import trio
 
 from visiona_tunnel.httpstream import forward_http
+from visiona_tunnel.listener import Refusal
 from visiona_tunnel.relay import TokenVerifier, VerifierUnavailable
 
 from ..common.internal_url import InternalUrl
@@ -166,15 +166,6 @@ __all__ = [
 ]
 
 
-@attrs.frozen
-class Refusal:
-    """Why a tunnel upgrade is refused: the HTTP answer, before any upgrade."""
-
-    status: int
-    code: str
-    message: str
-
-
 DRAINING = Refusal(503, "DRAINING", "the proxy is shutting down; retry later")
 AUTH_UNAVAILABLE = Refusal(503, "AUTH_UNAVAILABLE", "cannot check tokens now")
 UNAUTHORIZED = Refusal(401, "UNAUTHORIZED", "a valid device token is required")
@@ -190,8 +181,7 @@ async def admit(
 ) -> str | Refusal:
     """The device id a tunnel with ``token`` is served as, or why it is refused.
 
-    Both tunnel listeners (hypercorn and raw) decide with this and only differ in how they
-    send the refusal. A missing and an unknown token are refused alike (and counted); a
+    A missing and an unknown token are refused alike (and counted); a
     verifier that fails or takes longer than ``timeout`` is a 503, not a 401.
     """
     if state.draining.is_set():

@@ -101,15 +101,14 @@ def test_a_missing_secret_outside_dev_is_one_line_and_exit_2() -> None:
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("server", ["raw", "hypercorn"])
 @pytest.mark.parametrize("variable", ["VISIONA_TUNNEL_PORT", "VISIONA_PROXY_INTERNAL_PORT"])
-def test_a_busy_port_is_one_line_naming_the_address_and_exit_1(variable: str, server: str) -> None:
+def test_a_busy_port_is_one_line_naming_the_address_and_exit_1(variable: str) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         environ = {**EPHEMERAL, "VISIONA_INTERNAL_SECRET": SECRET, variable: str(port)}
-        result = _run([], {**environ, "VISIONA_TUNNEL_SERVER": server})
+        result = _run([], environ)
     line = _one_line(result, 1)
     assert f"127.0.0.1:{port}" in line and "in use" in line and variable in line
     assert SECRET not in result.stderr

@@ -2,11 +2,10 @@
 the upgrade, one tunnel per device, replacement, draining, health, metrics, and traffic
 through the tunnel to the agent's local server.
 
-Every test runs against both implementations (the ``server`` fixture): ``create_tunnel_app``
-+ ``tunnel_hypercorn_config`` on hypercorn, and ``serve_tunnel_listener_raw``, through
-``support.tunnelapp`` on 127.0.0.1; ``test_hypercorn_config`` is about hypercorn only. The
-agent's local server is ``support.tunnelhttp.LocalApp``. Waits are on hooks and registry
-events, each bounded.
+The listener is the one production runs (``serve_tunnels``: the library's listener with the
+service's admission), through ``support.tunnelapp`` on 127.0.0.1, plain or over TLS with a
+throwaway CA (``trustme``). The agent's local server is ``support.tunnelhttp.LocalApp``.
+Waits are on hooks and registry events, each bounded.
 """
 
 from __future__ import annotations
@@ -15,24 +14,25 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
+from pathlib import Path
 from typing import Any
 
+import attrs
 import h11
 import pytest
 import trio
+import trustme
 from support.data import pattern, pattern_body, pattern_sha256
-from support.pyagent import PyAgent, start_py_agent
+from support.pyagent import FAST, PyAgent, start_py_agent
 from support.pyrelay import fetch, fetch_digest
-from support.tunnelapp import TUNNEL_SERVERS, TunnelListener, start_tunnel_listener
+from support.tunnelapp import TunnelListener, start_tunnel_listener
 from support.tunnelhttp import LocalServer, http_request, start_local_server
 
 from visiona_services.common.envconfig import ConfigError
 from visiona_services.remote_proxy.config import ProxyConfig
 from visiona_services.remote_proxy.service import RunningProxy, serve_remote_proxy
-from visiona_services.remote_proxy.tunnel_app import (
-    TUNNEL_MAX_MESSAGE_SIZE,
-    tunnel_hypercorn_config,
-)
+from visiona_services.remote_proxy.tunnel_listener import TUNNEL_MAX_MESSAGE_SIZE
 from visiona_services.remote_proxy.verify import ApiServerVerifier
 from visiona_tunnel.client import ClientConfig, Replaced, TokenRefused
 from visiona_tunnel.relay import Tunnel
@@ -54,16 +54,9 @@ TEST_TIMEOUT = 30.0
 NO_RETRY = ClientConfig(backoff_base=600.0, backoff_cap=600.0, connect_timeout=5.0)
 
 
-@pytest.fixture(params=TUNNEL_SERVERS)
-def server(request: pytest.FixtureRequest) -> str:
-    """Which tunnel listener: ``"hypercorn"`` or ``"raw"``."""
-    name: str = request.param
-    return name
-
-
 @pytest.fixture
-async def listener(nursery: trio.Nursery, server: str) -> TunnelListener:
-    return await start_tunnel_listener(nursery, {TOKEN: DEVICE}, server=server)
+async def listener(nursery: trio.Nursery) -> TunnelListener:
+    return await start_tunnel_listener(nursery, {TOKEN: DEVICE})
 
 
 @pytest.fixture
@@ -339,8 +332,8 @@ async def test_upgrade_without_a_websocket_key_is_400(listener: TunnelListener) 
     assert listener.state.metrics.value("visiona_tunnel_auth_failures_total") == 0
 
 
-async def test_raw_listener_shuts_down_with_idle_connections(nursery: trio.Nursery) -> None:
-    listener = await start_tunnel_listener(nursery, {TOKEN: DEVICE}, server="raw")
+async def test_listener_shuts_down_with_idle_connections(nursery: trio.Nursery) -> None:
+    listener = await start_tunnel_listener(nursery, {TOKEN: DEVICE})
     with trio.fail_after(TEST_TIMEOUT):
         stream = await trio.open_tcp_stream("127.0.0.1", listener.port)
         async with stream:
@@ -352,54 +345,33 @@ async def test_raw_listener_shuts_down_with_idle_connections(nursery: trio.Nurse
             await trio.open_tcp_stream("127.0.0.1", listener.port)
 
 
-def test_tunnel_server_is_configurable() -> None:
-    base = {"VISIONA_INTERNAL_SECRET": "s"}
-    assert ProxyConfig.from_env(base).tunnel_server == "raw"
-    env = {**base, "VISIONA_TUNNEL_SERVER": "hypercorn"}
-    assert ProxyConfig.from_env(env).tunnel_server == "hypercorn"
-    with pytest.raises(ConfigError, match="VISIONA_TUNNEL_SERVER"):
-        ProxyConfig.from_env({**base, "VISIONA_TUNNEL_SERVER": "nginx"})
-
-
-@pytest.mark.parametrize("tunnel_server", TUNNEL_SERVERS)
-async def test_service_runs_the_configured_tunnel_listener(
-    nursery: trio.Nursery, tunnel_server: str
-) -> None:
+async def test_service_runs_the_tunnel_listener(nursery: trio.Nursery) -> None:
     config = ProxyConfig(
-        internal_secret="s",
-        tunnel_host="127.0.0.1",
-        tunnel_port=0,
-        internal_port=0,
-        tunnel_server=tunnel_server,
+        internal_secret="s", tunnel_host="127.0.0.1", tunnel_port=0, internal_port=0
     )
     with trio.fail_after(TEST_TIMEOUT):
         proxy: RunningProxy = await nursery.start(serve_remote_proxy, config)
         port = int(proxy.tunnel_urls[0].rsplit(":", 1)[1])
-        assert proxy.tunnel_urls == [f"http://127.0.0.1:{port}"]
+        assert proxy.tunnel_urls == [f"ws://127.0.0.1:{port}"]
         response = await http_request(port, "GET", "/healthz")
         assert response.status == 200
         proxy.stop()
 
 
-def test_hypercorn_config() -> None:
-    config = tunnel_hypercorn_config(ProxyConfig(tunnel_host="::", tunnel_port=3800))
-    assert config.bind == ["[::]:3800"]
+def test_a_go_agents_largest_message_fits() -> None:
     # A Go agent with a 16 MiB window sends 16 MiB + 12 bytes in one message.
-    assert config.websocket_max_message_size == TUNNEL_MAX_MESSAGE_SIZE >= 32 * MiB + 12
-    assert (config.accesslog, config.include_server_header) == (None, False)
+    assert 32 * MiB + 12 <= TUNNEL_MAX_MESSAGE_SIZE
 
 
 # -- the api-server as verifier ---------------------------------------------------------------
 
 
 @pytest.fixture
-async def api_listener(nursery: trio.Nursery, server: str) -> TunnelListener:
+async def api_listener(nursery: trio.Nursery) -> TunnelListener:
     """The tunnel listener asking the fake api-server (``fakeapi``) about tokens:
     ``good-9`` is device ``dev-9``, ``status-N`` gets HTTP N from it."""
     api = await start_fake_api_server(nursery)
-    return await start_tunnel_listener(
-        nursery, verifier=ApiServerVerifier(api.url, "s"), server=server
-    )
+    return await start_tunnel_listener(nursery, verifier=ApiServerVerifier(api.url, "s"))
 
 
 async def test_api_server_verified_agent_comes_up(
@@ -427,9 +399,9 @@ async def test_api_server_failure_is_503_not_401(api_listener: TunnelListener) -
 
 
 async def test_agent_still_writing_gets_our_close_code(listener: TunnelListener) -> None:
-    # hypercorn closes the connection when the app returns; unless the app waits for the
-    # agent's close reply, an agent still writing gets a reset instead of close 4001. (The
-    # raw listener half-closes and reads until the agent closes.)
+    # Unless the listener reads what the agent still sends after our close frame (it
+    # half-closes and reads until the agent closes), an agent still writing gets a reset
+    # instead of close 4001.
     with trio.fail_after(TEST_TIMEOUT):
         ws = await connect_websocket_stream(f"{listener.url}?token={TOKEN}")
         async with ws:
@@ -446,13 +418,11 @@ async def test_agent_still_writing_gets_our_close_code(listener: TunnelListener)
 
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="needs TCP_USER_TIMEOUT")
-async def test_agent_that_stops_reading_is_dropped(nursery: trio.Nursery, server: str) -> None:
+async def test_agent_that_stops_reading_is_dropped(nursery: trio.Nursery) -> None:
     # hypercorn's socket writes cannot be cancelled; the kernel's TCP_USER_TIMEOUT ends
     # the connection once the agent's receive window has stayed at zero that long. (The
     # raw listener's writes can be, and it sets the option too.)
-    listener = await start_tunnel_listener(
-        nursery, {TOKEN: DEVICE}, tcp_user_timeout=1.0, server=server
-    )
+    listener = await start_tunnel_listener(nursery, {TOKEN: DEVICE}, tcp_user_timeout=1.0)
     with trio.fail_after(TEST_TIMEOUT):
         ws = await connect_websocket_stream(f"{listener.url}?token={TOKEN}")
         assert isinstance(ws.transport, trio.SocketStream)
@@ -471,3 +441,122 @@ async def test_agent_that_stops_reading_is_dropped(nursery: trio.Nursery, server
                 down = await listener.events.next_down(timeout=TEST_TIMEOUT)
     assert (down.key, down.tunnel) == (DEVICE, tunnel)
     assert len(listener.state.tunnels) == 0
+
+
+# -- wss:// directly ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+async def tls_listener(nursery: trio.Nursery, ca: trustme.CA) -> TunnelListener:
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    return await start_tunnel_listener(nursery, {TOKEN: DEVICE}, ssl_context=server_context)
+
+
+def trusting(ca: trustme.CA) -> ClientConfig:
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    return attrs.evolve(FAST, ssl_context=client_context)
+
+
+async def test_an_agent_reaches_its_local_server_over_wss(
+    nursery: trio.Nursery, tls_listener: TunnelListener, local: LocalServer, ca: trustme.CA
+) -> None:
+    assert tls_listener.url.startswith("wss://")
+    with trio.fail_after(TEST_TIMEOUT):
+        agent = await start_py_agent(
+            nursery, tls_listener.url, TOKEN, local.port, config=trusting(ca)
+        )
+        await agent.hooks.wait_for("session_up")
+        tunnel = await tls_listener.state.tunnels.wait_for(DEVICE)
+        body = pattern(0, 1 * MiB)
+        response = await fetch(tunnel, "POST", "/echo", body=body)
+    assert response.body == body
+    agent.client.stop()
+
+
+async def test_a_replaced_agent_gets_4001_over_wss(
+    nursery: trio.Nursery, tls_listener: TunnelListener, local: LocalServer, ca: trustme.CA
+) -> None:
+    config = attrs.evolve(trusting(ca), backoff_base=600.0, backoff_cap=600.0)
+    with trio.fail_after(TEST_TIMEOUT):
+        older = await start_py_agent(nursery, tls_listener.url, TOKEN, local.port, config=config)
+        await older.hooks.wait_for("session_up")
+        newer = await start_py_agent(
+            nursery, tls_listener.url, TOKEN, local.port, config=trusting(ca)
+        )
+        await newer.hooks.wait_for("session_up")
+        _, error = await older.hooks.wait_for("session_down")
+    assert isinstance(error, Replaced)
+    older.client.stop()
+    newer.client.stop()
+
+
+async def test_an_agent_that_does_not_trust_the_certificate_never_comes_up(
+    tls_listener: TunnelListener,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT), pytest.raises(trio.BrokenResourceError):
+        await connect_websocket_stream(f"{tls_listener.url}?token={TOKEN}")
+    assert len(tls_listener.state.tunnels) == 0
+
+
+async def test_a_plain_request_to_the_tls_listener_gets_no_answer(
+    tls_listener: TunnelListener,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        stream = await trio.open_tcp_stream("127.0.0.1", tls_listener.port)
+        async with stream:
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            received = b""
+            while chunk := await stream.receive_some(1024):
+                received += chunk
+    assert b"HTTP/1.1 200" not in received
+
+
+def test_tls_needs_both_certificate_and_key(tmp_path: Path, ca: trustme.CA) -> None:
+    base = {"VISIONA_INTERNAL_SECRET": "s"}
+    with pytest.raises(ConfigError, match="set both or neither"):
+        ProxyConfig.from_env({**base, "VISIONA_TUNNEL_TLS_CERT": "cert.pem"})
+    missing = {"VISIONA_TUNNEL_TLS_CERT": str(tmp_path / "no.pem"), "VISIONA_TUNNEL_TLS_KEY": "x"}
+    with pytest.raises(ConfigError, match="cannot load"):
+        ProxyConfig.from_env({**base, **missing})
+    leaf = ca.issue_cert("relay.example")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    env = {**base, "VISIONA_TUNNEL_TLS_CERT": str(cert), "VISIONA_TUNNEL_TLS_KEY": str(key)}
+    assert ProxyConfig.from_env(env).tunnel_ssl_context() is not None
+
+
+async def test_the_service_serves_wss_when_configured(
+    nursery: trio.Nursery, tmp_path: Path, ca: trustme.CA
+) -> None:
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    config = ProxyConfig(
+        internal_secret="s",
+        tunnel_host="127.0.0.1",
+        tunnel_port=0,
+        internal_port=0,
+        tunnel_tls_cert=str(cert),
+        tunnel_tls_key=str(key),
+        static_tokens=f"{TOKEN}={DEVICE}",
+    )
+    with trio.fail_after(TEST_TIMEOUT):
+        proxy: RunningProxy = await nursery.start(serve_remote_proxy, config)
+        assert proxy.tunnel_urls[0].startswith("wss://127.0.0.1:")
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        ws = await connect_websocket_stream(
+            f"{proxy.tunnel_urls[0]}/tunnel/connect?token={TOKEN}", ssl_context=context
+        )
+        async with ws:
+            assert (await proxy.state.tunnels.wait_for(DEVICE)).key == DEVICE
+        proxy.stop()

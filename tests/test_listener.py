@@ -1,0 +1,170 @@
+"""The library's tunnel listener (``serve_tunnel_listener``): what an agent's upgrade and a
+plain request are answered with, with the default hooks and with a service's."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import pytest
+import trio
+from support.tunnelhttp import http_request
+
+from visiona_tunnel import (
+    Answer,
+    ListenerRequest,
+    Refusal,
+    TokenVerifier,
+    TunnelRegistry,
+    VerifierUnavailable,
+    admit_with,
+    serve_tunnel_listener,
+)
+from visiona_tunnel.listener import Admit
+from visiona_tunnel.wsconn import WebSocketRejected, connect_websocket_stream
+
+TIMEOUT = 10.0
+
+
+async def anyone(token: str) -> str | None:
+    await trio.lowlevel.checkpoint()
+    return "device"
+
+
+@contextlib.asynccontextmanager
+async def listening(admit: Admit, **options: Any) -> AsyncIterator[int]:
+    """The listener on 127.0.0.1; its port."""
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(
+            serve_tunnel_listener, TunnelRegistry(), admit, host="127.0.0.1", port=0, **options
+        )
+        urls: list[str] = await nursery.start(serve)
+        yield int(urls[0].rsplit(":", 1)[1])
+        nursery.cancel_scope.cancel()
+
+
+async def refuse_upgrade(admit: Admit, target: str, **options: Any) -> WebSocketRejected:
+    async with listening(admit, **options) as port:
+        with trio.fail_after(TIMEOUT), pytest.raises(WebSocketRejected) as raised:
+            await connect_websocket_stream(f"ws://127.0.0.1:{port}{target}")
+    return raised.value
+
+
+async def test_a_verifier_that_cannot_answer_gets_503_and_the_listener_goes_on() -> None:
+    async def unavailable(token: str) -> str | None:
+        raise VerifierUnavailable("backend down")
+
+    refused = await refuse_upgrade(admit_with(unavailable), "/tunnel/connect?token=t")
+    assert refused.status_code == 503
+    assert (b"retry-after", b"5") in refused.headers
+
+
+async def test_an_unknown_token_gets_401_with_a_bearer_challenge() -> None:
+    async def nobody(token: str) -> str | None:
+        await trio.lowlevel.checkpoint()
+        return None
+
+    refused = await refuse_upgrade(admit_with(nobody), "/tunnel/connect?token=t")
+    assert refused.status_code == 401
+    assert refused.body == b"a valid device token is required\n"
+    assert (b"www-authenticate", b'Bearer realm="visiona-tunnel"') in refused.headers
+
+
+async def test_no_token_gets_401_without_asking_the_verifier() -> None:
+    asked: list[str] = []
+
+    async def recording(token: str) -> str | None:
+        asked.append(token)
+        return await anyone(token)
+
+    refused = await refuse_upgrade(admit_with(recording), "/tunnel/connect")
+    assert (refused.status_code, asked) == (401, [])
+
+
+async def test_another_path_gets_404() -> None:
+    refused = await refuse_upgrade(admit_with(anyone), "/elsewhere?token=t")
+    assert refused.status_code == 404
+
+
+async def test_an_admit_that_does_not_answer_in_time_gets_503() -> None:
+    async def stuck(request: ListenerRequest) -> str | Refusal:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    refused = await refuse_upgrade(stuck, "/tunnel/connect?token=t", admit_timeout=0.05)
+    assert refused.status_code == 503
+
+
+async def test_admit_sees_the_request_and_its_token() -> None:
+    seen: list[ListenerRequest] = []
+
+    async def refuse(request: ListenerRequest) -> str | Refusal:
+        seen.append(request)
+        await trio.lowlevel.checkpoint()
+        return Refusal(403, "FORBIDDEN", "not you")
+
+    refused = await refuse_upgrade(refuse, "/tunnel/connect?token=abc&x=1")
+    assert refused.status_code == 403
+    (request,) = seen
+    assert (request.method, request.path, request.token) == ("GET", "/tunnel/connect", "abc")
+    assert request.remote is not None and request.remote.startswith("127.0.0.1:")
+
+
+async def test_a_route_answers_get_and_head_and_refuses_other_methods() -> None:
+    async def health(request: ListenerRequest) -> Answer:
+        await trio.lowlevel.checkpoint()
+        return Answer(200, b"ok\n", ((b"content-type", b"text/plain"),))
+
+    async with listening(admit_with(anyone), routes={"/healthz": health}) as port:
+        got = await http_request(port, "GET", "/healthz")
+        head = await http_request(port, "HEAD", "/healthz")
+        posted = await http_request(port, "POST", "/healthz", b"")
+    assert (got.status, got.body) == (200, b"ok\n")
+    assert (head.status, head.body) == (200, b"")
+    assert posted.status == 405
+    assert posted.headers["allow"] == "GET, HEAD"
+
+
+async def test_the_tunnel_path_without_an_upgrade_gets_426() -> None:
+    async with listening(admit_with(anyone)) as port:
+        response = await http_request(port, "GET", "/tunnel/connect")
+    assert response.status == 426
+    assert response.headers["upgrade"] == "websocket"
+
+
+async def test_render_and_request_scope_shape_every_answer() -> None:
+    def envelope(refusal: Refusal) -> Answer:
+        body = f'{{"code": "{refusal.code}"}}'.encode()
+        return Answer(refusal.status, body, ((b"content-type", b"application/json"),))
+
+    @contextlib.contextmanager
+    def request_id(request: ListenerRequest) -> Iterator[Sequence[tuple[bytes, bytes]]]:
+        yield ((b"x-request-id", b"r-1"),)
+
+    options: dict[str, Any] = {"render": envelope, "request_scope": request_id}
+    async with listening(admit_with(anyone), **options) as port:
+        missing = await http_request(port, "GET", "/nowhere")
+    assert (missing.status, missing.body) == (404, b'{"code": "NOT_FOUND"}')
+    assert missing.headers["x-request-id"] == "r-1"
+    refused = await refuse_upgrade(admit_with(anyone), "/nowhere", **options)
+    assert refused.body == b'{"code": "NOT_FOUND"}'
+    assert (b"x-request-id", b"r-1") in refused.headers
+
+
+async def test_a_malformed_request_gets_400_and_the_connection_ends() -> None:
+    async with listening(admit_with(anyone)) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"NOT HTTP\r\n\r\n")
+            received = b""
+            with trio.fail_after(TIMEOUT):
+                while chunk := await stream.receive_some(1024):
+                    received += chunk
+    assert received.startswith(b"HTTP/1.1 400 ")
+
+
+def test_a_token_verifier_is_the_readme_s_admit() -> None:
+    verify: TokenVerifier = anyone
+    assert callable(admit_with(verify))
