@@ -40,7 +40,7 @@ Chains (``--chains``):
   listener settings, answering the same routes itself from a raw ASGI app: the proxy's
   HTTP front with no tunnel behind it, an upper bound for the ``proxy+`` chains.
 * ``py-relay+py-agent``, ``py-relay+go-agent``: the load runs **inside the Python relay
-  process**, calling ``Tunnel.forward_http`` (as the remote proxy will) -> agent -> server.
+  process**, calling ``Tunnel.request`` (as the remote proxy will) -> agent -> server.
 * ``go-relay+go-agent``, ``go-relay+py-agent``: load (h11 client) -> gorelay's HTTP front
   ``/forward/<device>/<path>`` -> agent -> server.
 * ``proxy+py-agent``, ``proxy+go-agent``: load (h11 client, ``Authorization: Bearer
@@ -68,7 +68,7 @@ round), and ratios are taken between runs of the *same round* (the machine is sh
 Workloads (``--workloads``)
 ---------------------------
 * ``small``: requests/s for ``GET /small``; ``--concurrency`` (32) workers, each with its
-  own keep-alive connection (h11 client; through the Python relay: one ``forward_http``
+  own keep-alive connection (h11 client; through the Python relay: one ``Tunnel.request``
   per request), share ``--requests`` (5000) requests. Each worker first makes
   ``--warmup`` (3) untimed requests. Latency p50/p99 per request is kept too.
 * ``download``: MB/s (10^6 bytes/s) of one ``GET /bytes/N``, N = 256 MiB, from sending the
@@ -474,7 +474,7 @@ class H11Requester:
 
 
 class TunnelRequester:
-    """Requests through ``Tunnel.forward_http`` (one yamux stream each), in the relay."""
+    """Requests through ``Tunnel.request`` (one yamux stream each), in the relay."""
 
     def __init__(self, tunnel: Tunnel, block: bytes) -> None:
         self.tunnel = tunnel
@@ -482,16 +482,16 @@ class TunnelRequester:
 
     async def exchange(self, method: str, target: str, *, upload: int = 0, keep: int = 0) -> Reply:
         if method == "POST":
-            response = await self.tunnel.forward_http(
+            request = self.tunnel.request(
                 method,
                 target,
                 [("Content-Length", str(upload))],
                 aiter_chunks(upload, self.block),
             )
         else:
-            response = await self.tunnel.forward_http(method, target)
+            request = self.tunnel.request(method, target)
         size, head, first = 0, bytearray(), None
-        async with response:
+        async with request as response:
             async for data in response.body:
                 if first is None:
                     first = time.perf_counter()

@@ -2,7 +2,7 @@
 (``TunnelClient``) -> a local hypercorn server, and back.
 
 The relay is ``serve_tunnel_listener`` + ``TunnelRegistry`` on 127.0.0.1 (``support.pyrelay``);
-the caller is ``Tunnel.forward_http`` / ``Tunnel.open_raw``; the local server is
+the caller is ``Tunnel.request`` / ``Tunnel.open_raw``; the local server is
 ``support.tunnelhttp.LocalApp``. Waits are on hooks, states and events, each bounded.
 """
 

@@ -27,7 +27,7 @@ from .credentials import (
     store_credentials,
 )
 from .forward import serve_tunnel_stream
-from .httpstream import ForwardError, HttpResponse, forward_http
+from .httpstream import ForwardError, HttpResponse, http_exchange
 from .listener import (
     Answer,
     ListenerRequest,
@@ -101,7 +101,7 @@ __all__ = [
     "connect_websocket_stream",
     "default_credentials_path",
     "exchange_pairing_token",
-    "forward_http",
+    "http_exchange",
     "load_credentials",
     "pair_device",
     "plain_text",

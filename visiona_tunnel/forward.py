@@ -28,7 +28,7 @@ nothing moved either way for ``idle_timeout``  reset the stream, close the local
                                                then :func:`pipe` bytes both ways
 ============================================  ============================================
 
-The relay's end is :func:`visiona_tunnel.httpstream.forward_http`.
+The relay's end is :func:`visiona_tunnel.httpstream.http_exchange`.
 """
 
 from __future__ import annotations

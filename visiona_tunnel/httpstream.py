@@ -2,25 +2,25 @@
 
 ::
 
-    async with trio.open_nursery() as nursery:
-        stream = await session.open_stream()
-        response = await forward_http(nursery, stream, "POST", "/upload", headers, body)
-        async with response:              # or: try ... finally: await response.aclose()
-            status, headers = response.status, response.headers
-            async for chunk in response.body:
-                ...
+    stream = await session.open_stream()
+    async with http_exchange(stream, "POST", "/upload", headers, body) as response:
+        status, headers = response.status, response.headers
+        async for chunk in response.body:
+            ...
 
-The request body is uploaded by a task in the caller's ``nursery`` while the response
-is read (a server may answer before the upload ends, and a large upload would fill the
-agent's window otherwise), so ``forward_http`` returns as soon as the response head
-has arrived. ``aclose()`` ends the exchange: after a complete response (and upload) it
-closes the stream; otherwise -- the caller stopped reading, failed or was cancelled --
-it resets the stream (an agent writing the rest of a response must not be left blocked
-on a window nobody reads) and stops the upload. The stream belongs to the exchange from
-the call on. Timeouts are the caller's (``trio.fail_after`` around the calls).
+The request body is uploaded by a task of the exchange's own nursery while the block reads
+the response (a server may answer before the upload ends, and a large upload would fill the
+agent's window otherwise), so the block starts as soon as the response head has arrived.
+Leaving the block ends the exchange and both its directions: after a complete response (and
+upload) the stream is closed; otherwise -- the caller stopped reading, failed or was
+cancelled -- it is reset (an agent writing the rest of a response must not be left blocked
+on a window nobody reads) and the upload stops. ``response.aclose()`` ends it earlier. The
+stream belongs to the exchange from the call on. Timeouts are the caller's
+(``trio.fail_after`` around the block).
 
-A response that is missing, malformed or cut short (EOF or reset before its end)
-raises :class:`ForwardError`; the agent's 502 and 400 answers are ordinary responses.
+A response that is missing, malformed or cut short (EOF or reset before its end) raises
+:class:`ForwardError`, as does a request body whose iterable fails (its error is the
+cause); the agent's 502 and 400 answers are ordinary responses.
 
 h11 parses the response head, and the body unless it is framed by ``Content-Length``: such
 a body is read straight from the stream, up to its length, as it arrives (h11 would copy
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from types import TracebackType
 from typing import NoReturn
 
 import attrs
@@ -40,12 +39,13 @@ import h11
 import trio
 
 from .forward import CHUNK_SIZE, MAX_HEAD_SIZE, abort_stream, header_tokens
+from .tasks import open_owned_nursery
 
 __all__ = [
     "HOP_BY_HOP_HEADERS",
     "ForwardError",
     "HttpResponse",
-    "forward_http",
+    "http_exchange",
     "request_headers",
     "without_hop_by_hop",
 ]
@@ -150,12 +150,11 @@ class _Exchange:
             await self.stream.send_all(data)
 
     async def upload(self, body: bytes | AsyncIterable[bytes]) -> None:
-        """Runs in the caller's nursery. A failing ``body`` resets the stream (the agent
-        must not see a complete request) and is reported by the response side, as the
-        cause of its :class:`ForwardError`: raising here would tear down whatever else
-        the nursery runs (for a relay, the whole tunnel). A broken stream ends the upload
-        quietly (reading the response tells what happened). An async generator ``body``
-        is closed when the upload ends."""
+        """The exchange's task. A failing ``body`` resets the stream (the agent must not
+        see a complete request) and is reported where the caller is, reading the
+        response: as the cause of its :class:`ForwardError`. A broken stream ends the
+        upload quietly (reading the response tells what happened). An async generator
+        ``body`` is closed when the upload ends."""
         try:
             with self.upload_scope:
                 try:
@@ -302,24 +301,13 @@ class HttpResponse:
         return self._exchange.complete
 
     async def aclose(self) -> None:
-        """End the exchange; resets the stream unless the response was read whole and
-        the request body was sent whole. Idempotent."""
+        """End the exchange before the block does; resets the stream unless the response
+        was read whole and the request body was sent whole. Idempotent."""
         await self._exchange.aclose()
 
-    async def __aenter__(self) -> HttpResponse:
-        return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-
-async def forward_http(
-    nursery: trio.Nursery,
+@contextlib.asynccontextmanager
+async def http_exchange(
     stream: trio.abc.Stream,
     method: bytes | str,
     target: bytes | str,
@@ -328,42 +316,43 @@ async def forward_http(
     *,
     host: bytes | str = b"localhost",
     read_size: int = CHUNK_SIZE,
-) -> HttpResponse:
-    """Send one request down ``stream`` and return the response once its head arrives.
+) -> AsyncIterator[HttpResponse]:
+    """Send one request down ``stream``; the response, once its head arrives, for the
+    block (see the module docstring).
 
     ``target`` is sent byte for byte (keep it escaped); ``headers`` are prepared by
     :func:`request_headers` (``host`` is the ``Host`` used when there is none). The
-    body is uploaded by a task in ``nursery`` (see the module docstring); the response is
-    read ``read_size`` bytes at most at a time (a larger size means fewer, larger pieces
-    when the stream is a fast one: fewer trips through the caller's code per byte). The
-    caller must ``aclose()`` the response (or use ``async with``); if this call raises --
-    :class:`ForwardError`, cancellation -- the stream is already reset.
+    response is read ``read_size`` bytes at most at a time (a larger size means fewer,
+    larger pieces when the stream is a fast one: fewer trips through the caller's code
+    per byte).
+
+    Raises:
+        ForwardError: no valid response head (the stream is reset by then).
     """
     exchange = _Exchange(stream, read_size)
-    try:
-        request = h11.Request(
-            method=_as_bytes(method),
-            target=_as_bytes(target),
-            headers=request_headers(headers, body, host=_as_bytes(host)),
-        )
+    async with open_owned_nursery() as nursery:
         try:
-            await exchange.send(request)
-        except trio.BrokenResourceError as exc:
-            raise ForwardError(f"the tunnel stream broke: {exc}") from exc
-        if isinstance(body, bytes) and not body:
-            exchange.conn.send(h11.EndOfMessage())
-            exchange.uploaded = True
-        else:
-            nursery.start_soon(exchange.upload, body)
-            exchange.upload_started = True
-        head = await exchange.read_head(request.method)
-    except BaseException:
-        with contextlib.suppress(Exception):
+            request = h11.Request(
+                method=_as_bytes(method),
+                target=_as_bytes(target),
+                headers=request_headers(headers, body, host=_as_bytes(host)),
+            )
+            try:
+                await exchange.send(request)
+            except trio.BrokenResourceError as exc:
+                raise ForwardError(f"the tunnel stream broke: {exc}") from exc
+            if isinstance(body, bytes) and not body:
+                exchange.conn.send(h11.EndOfMessage())
+                exchange.uploaded = True
+            else:
+                nursery.start_soon(exchange.upload, body)
+                exchange.upload_started = True
+            head = await exchange.read_head(request.method)
+            yield HttpResponse(
+                status=head.status_code,
+                reason=bytes(head.reason),
+                headers=head.headers.raw_items(),
+                exchange=exchange,
+            )
+        finally:
             await exchange.aclose()
-        raise
-    return HttpResponse(
-        status=head.status_code,
-        reason=bytes(head.reason),
-        headers=head.headers.raw_items(),
-        exchange=exchange,
-    )

@@ -5,7 +5,7 @@ registry.serve(key, ws)`` runs one tunnel, a yamux *server* session over an acce
 WebSocket, until it ends; a newer tunnel for the same key replaces the older one, which is
 closed with :data:`~visiona_tunnel.wsconn.CLOSE_REPLACED`. Agents reach it through
 :func:`visiona_tunnel.listener.serve_tunnel_listener`. Callers reach the agent through
-:meth:`Tunnel.forward_http` (one HTTP/1.1 request per yamux stream) or :meth:`Tunnel.open_raw`
+:meth:`Tunnel.request` (one HTTP/1.1 request per yamux stream) or :meth:`Tunnel.open_raw`
 (a stream for an upgrade they drive themselves).
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import Protocol
 
 import attrs
@@ -22,7 +22,7 @@ import trio
 
 from . import yamux
 from .client import TUNNEL_YAMUX_CONFIG
-from .httpstream import HttpResponse, forward_http
+from .httpstream import HttpResponse, http_exchange
 from .wsconn import CLOSE_REPLACED
 
 logger = logging.getLogger("visiona_tunnel.relay")
@@ -83,7 +83,6 @@ class Tunnel:
         ws: TunnelTransport,
         counter: _CountingStream,
         remote_address: str | None,
-        uploads: trio.Nursery,
     ) -> None:
         self.key = key
         self.session = session
@@ -93,7 +92,6 @@ class Tunnel:
         self.replaced = False
         self._ws = ws
         self._counter = counter
-        self._uploads = uploads
 
     def stats(self) -> TunnelStats:
         return TunnelStats(
@@ -106,24 +104,30 @@ class Tunnel:
             bytes_out=self._counter.bytes_out,
         )
 
-    async def forward_http(
+    @contextlib.asynccontextmanager
+    async def request(
         self,
         method: bytes | str,
         target: bytes | str,
         headers: Iterable[tuple[bytes | str, bytes | str]] = (),
         body: bytes | AsyncIterable[bytes] = b"",
-    ) -> HttpResponse:
-        """Send one HTTP/1.1 request to the agent's local server and return the response
-        once its head arrives; see :func:`visiona_tunnel.httpstream.forward_http`. The
-        request body is uploaded by a task of this tunnel. ``aclose()`` the response (or
-        ``async with`` it): a response abandoned early resets its stream.
+    ) -> AsyncIterator[HttpResponse]:
+        """One HTTP/1.1 request to the agent's local server, on a stream of its own; the
+        response, once its head arrives, for the block (see
+        :func:`visiona_tunnel.httpstream.http_exchange`: the body is uploaded by a task of
+        the exchange; leaving the block ends both directions, resetting the stream unless
+        the exchange was complete)::
+
+            async with tunnel.request("GET", "/status") as response:
+                async for chunk in response.body: ...
 
         Raises:
             yamux.SessionClosed: the tunnel is gone. httpstream.ForwardError: the agent's
                 answer was missing, malformed or cut short.
         """
         stream = await self.session.open_stream()
-        return await forward_http(self._uploads, stream, method, target, headers, body)
+        async with http_exchange(stream, method, target, headers, body) as response:
+            yield response
 
     async def open_raw(self) -> yamux.Stream:
         """A new stream to the agent, for a protocol upgrade the caller drives."""
@@ -211,11 +215,8 @@ class TunnelRegistry:
     ) -> None:
         """Run the tunnel of ``key`` over ``ws`` until it ends (or is replaced)."""
         counter = _CountingStream(ws)
-        async with (
-            yamux.open_session(counter, client=False, config=self.config) as session,
-            trio.open_nursery() as uploads,
-        ):
-            tunnel = Tunnel(key, session, ws, counter, remote_address, uploads)
+        async with yamux.open_session(counter, client=False, config=self.config) as session:
+            tunnel = Tunnel(key, session, ws, counter, remote_address)
             previous = self._tunnels.get(key)
             self._tunnels[key] = tunnel
             self._notify(TunnelUp(key, tunnel))
@@ -229,7 +230,6 @@ class TunnelRegistry:
                 async for stream in session:
                     await stream.reset()
             finally:
-                uploads.cancel_scope.cancel()
                 if self._tunnels.get(key) is tunnel:
                     del self._tunnels[key]
                 await ws.aclose()

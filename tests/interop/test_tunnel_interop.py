@@ -1,7 +1,7 @@
 """Our tunnel ends against the Go ones (``tunnelpeers/``), both ways:
 
 * ``test_go_agent_*``: the Go agent (``goagent``) -> our relay (``serve_tunnel_listener`` +
-  ``TunnelRegistry``); the caller is ``Tunnel.forward_http`` / ``Tunnel.open_raw``.
+  ``TunnelRegistry``); the caller is ``Tunnel.request`` / ``Tunnel.open_raw``.
 * ``test_py_agent_*``: our agent (``TunnelClient``) -> the Go relay (``gorelay``); the
   caller is an HTTP client on the Go relay's front (``/forward/<device>/...``,
   ``/ws/<device>/...``).

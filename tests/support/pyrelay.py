@@ -82,7 +82,7 @@ async def start_py_relay(nursery: trio.Nursery, tokens: Mapping[str, str]) -> Py
     return relay
 
 
-# -- a caller of Tunnel.forward_http ----------------------------------------------------------
+# -- a caller of Tunnel.request ----------------------------------------------------------
 
 
 @dataclass
@@ -118,9 +118,9 @@ async def forward(
     headers: Headers = (),
     body: bytes | AsyncIterable[bytes] = b"",
 ) -> AsyncIterator[HttpResponse]:
-    """``Tunnel.forward_http``; the response is closed when the block ends (a reset if its
+    """``Tunnel.request``; the exchange ends with the block (a reset if the response's
     body was not read to the end)."""
-    async with await tunnel.forward_http(method, target, headers, body) as response:
+    async with tunnel.request(method, target, headers, body) as response:
         yield response
 
 

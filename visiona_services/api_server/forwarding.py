@@ -34,17 +34,18 @@ the exchange with the remote-proxy is one TCP connection per forward, HTTP/1.1 b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from urllib.parse import quote, unquote_to_bytes
 
 import attrs
 import trio
 
-from visiona_tunnel.httpstream import HttpResponse, forward_http
+from visiona_tunnel.httpstream import HttpResponse, http_exchange
 
 from ..common.http import (
     ApiError,
@@ -289,25 +290,24 @@ class ForwardDispatcher:
             )
         return await trio.open_tcp_stream(self.proxy.host, self.proxy.port)
 
+    @contextlib.asynccontextmanager
     async def _open(
         self,
         target: bytes,
-        nursery: trio.Nursery,
         method: str,
         headers: list[tuple[bytes, bytes]],
         body: bytes | AsyncIterable[bytes],
-    ) -> HttpResponse:
-        """The forward's request to the remote-proxy, on a connection of its own (closed
-        with the response); the upload runs in ``nursery``."""
+    ) -> AsyncIterator[HttpResponse]:
+        """The forward's exchange with the remote-proxy, on a connection of its own (closed
+        with the exchange)."""
         stream = await self._connect()
-        headers = [*headers, self._authorization]
-        return await forward_http(
-            nursery,
+        async with http_exchange(
             stream,
             method,
             target,
-            headers,
+            [*headers, self._authorization],
             body,
             host=self.proxy.netloc,
             read_size=PROXY_READ_SIZE,
-        )
+        ) as response:
+            yield response

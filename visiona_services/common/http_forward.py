@@ -41,21 +41,22 @@ reset (or closed), so the upstream stops. Whether the request has a body is take
 first ``http.request`` message, not from its headers (an HTTP/2 request may have a body and
 neither ``Content-Length`` nor ``Transfer-Encoding``).
 
-Who reads ``receive()``: the upload task (in the nursery handed to ``upstream.open``) while
-it sends the body upstream; once the upload stops reading the caller -- the body ended,
-the upload failed or was abandoned -- a watcher task, until the exchange with the upstream
-ends, discarding what is left of the body. hypercorn's queue of request messages is
-bounded, and it blocks (inside our ``send()``) to report a disconnect when the queue is
-full: somebody must keep reading. The response's end (or the error answer) goes out after
-the watcher has stopped; the caller of :func:`forward_asgi_http` must then drain the rest
-of the body itself (:class:`~.raw_route.RequestBody`: one reader at a time).
+Who reads ``receive()``: the exchange's upload task while it sends the body upstream; once
+the upload stops reading the caller -- the body ended, the upload failed or was abandoned
+-- a watcher task, until the exchange with the upstream ends, discarding what is left of
+the body. hypercorn's queue of request messages is bounded, and it blocks (inside our
+``send()``) to report a disconnect when the queue is full: somebody must keep reading. The
+response's end (or the error answer) goes out after the watcher has stopped; the caller of
+:func:`forward_asgi_http` must then drain the rest of the body itself
+(:class:`~.raw_route.RequestBody`: one reader at a time).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 
 import attrs
 import trio
@@ -93,11 +94,11 @@ CLIENT_CLOSED = 499
 _DROPPED_REQUEST_HEADERS = frozenset({b"host", b"authorization", b"expect", REQUEST_ID_HEADER})
 
 Headers = list[tuple[bytes, bytes]]
-#: ``open(nursery, method, headers, body)``: send the request upstream and return the
-#: response once its head is in (``visiona_tunnel.httpstream.forward_http`` does the
-#: work); the request body may be uploaded by a task in ``nursery``.
+#: ``async with open(method, headers, body) as response``: the exchange with the upstream
+#: (``visiona_tunnel.httpstream.http_exchange`` does the work), its response once the
+#: head is in; leaving the block ends it.
 OpenExchange = Callable[
-    [trio.Nursery, str, Headers, bytes | AsyncIterable[bytes]], Awaitable[HttpResponse]
+    [str, Headers, bytes | AsyncIterable[bytes]], AbstractAsyncContextManager[HttpResponse]
 ]
 
 
@@ -358,7 +359,7 @@ class _Exchange:
                 on_bytes=upstream.hooks.request_bytes,
             )
             nursery.start_soon(caller.watch)
-            ending = await self._forward(nursery, caller, timer)
+            ending = await self._forward(caller, timer)
             nursery.cancel_scope.cancel()
         # The watcher is gone; our caller drains the request while the end goes out.
         if isinstance(ending, ApiError):
@@ -371,9 +372,7 @@ class _Exchange:
             )
         return self.status
 
-    async def _forward(
-        self, nursery: trio.Nursery, caller: _Caller, timer: _UpstreamTimer
-    ) -> ApiError | bool:
+    async def _forward(self, caller: _Caller, timer: _UpstreamTimer) -> ApiError | bool:
         """The exchange with the upstream, up to the response's end (not sent): the error
         to answer, True for a whole response, False for one cut short."""
         upstream = self.upstream
@@ -384,30 +383,28 @@ class _Exchange:
         )
         start = trio.current_time()
         failure = upstream.timeout_error
-        response: HttpResponse | None = None
+        opened = False
         complete = False
         with timer.scope:
             try:
-                response = await upstream.open(nursery, self.scope["method"], outgoing, body)
+                async with upstream.open(self.scope["method"], outgoing, body) as response:
+                    opened = True
+                    timer.head_arrived(upload_done=caller.body_complete)
+                    upstream.hooks.head(trio.current_time() - start)
+                    if whole:  # sent with the head (an iterated body counts as it goes)
+                        upstream.hooks.request_bytes(len(whole))
+                    complete = await self._stream_response(response, timer)
             except Exception as exc:
-                mapped = upstream.failure(exc)
+                mapped = None if opened else upstream.failure(exc)
                 if mapped is None:
                     raise
                 upstream.logger.info(
                     "forward failed", extra={**upstream.log_extra, "error": repr(exc)}
                 )
                 failure = mapped
-            else:
-                timer.head_arrived(upload_done=caller.body_complete)
-                upstream.hooks.head(trio.current_time() - start)
-                if whole:  # sent with the head (an iterated body counts as it goes)
-                    upstream.hooks.request_bytes(len(whole))
-                async with response:
-                    complete = await self._stream_response(response, timer)
-        # The upload has ended (open or the response's aclose ended it); the watcher
-        # reads the caller from here on.
+        # The upload has ended with the exchange; the watcher reads the caller from here on.
         caller.release()
-        if response is None:
+        if not opened:
             return failure
         if timer.scope.cancelled_caught:
             upstream.logger.warning(

@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterable
-
-import trio
+from contextlib import AbstractAsyncContextManager
 
 from visiona_tunnel import yamux
 from visiona_tunnel.httpstream import ForwardError, HttpResponse
@@ -79,14 +78,10 @@ async def forward_http_request(
         await send_error(send, 502, "TUNNEL_DISCONNECTED", f"device {device_id!r} is not connected")
         return
 
-    async def open_exchange(
-        nursery: trio.Nursery,
-        method: str,
-        headers: list[tuple[bytes, bytes]],
-        body: bytes | AsyncIterable[bytes],
-    ) -> HttpResponse:
-        # The upload runs in the tunnel's nursery (it ends with the tunnel).
-        return await tunnel.forward_http(method, target, headers, body)
+    def open_exchange(
+        method: str, headers: list[tuple[bytes, bytes]], body: bytes | AsyncIterable[bytes]
+    ) -> AbstractAsyncContextManager[HttpResponse]:
+        return tunnel.request(method, target, headers, body)
 
     upstream = HttpUpstream(
         open=open_exchange,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from visiona_tunnel.httpstream import forward_http
+from visiona_tunnel.httpstream import http_exchange
 from visiona_tunnel.listener import Refusal
 from visiona_tunnel.relay import TokenVerifier, VerifierUnavailable
 
@@ -94,44 +94,18 @@ class ApiServerVerifier:
             stream = await trio.open_tcp_stream(self.host, self.port)
         except OSError as exc:
             raise VerifierUnavailable(f"cannot reach the api-server: {exc}") from exc
-        # Failures are caught inside the nursery (which would wrap them in a group).
-        result: tuple[int, bytes] | Exception
         try:
-            async with trio.open_nursery() as nursery:
-                try:
-                    result = await self._exchange(nursery, stream, headers, payload)
-                except (VerifierUnavailable, trio.BrokenResourceError, OSError) as exc:
-                    result = exc
-        finally:
-            await trio.aclose_forcefully(stream)
-        if isinstance(result, VerifierUnavailable):
-            raise result
-        if isinstance(result, Exception):
-            raise VerifierUnavailable(f"the api-server request failed: {result!r}") from result
-        return result
-
-    async def _exchange(
-        self,
-        nursery: trio.Nursery,
-        stream: trio.abc.Stream,
-        headers: list[tuple[str, str]],
-        payload: bytes,
-    ) -> tuple[int, bytes]:
-        """One request on ``stream``; the status and the whole (bounded) body.
-
-        Raises:
-            ForwardError: no valid response. VerifierUnavailable: the body is too large.
-        """
-        response = await forward_http(
-            nursery, stream, "POST", self.target, headers, payload, host=self.netloc
-        )
-        async with response:
-            body = bytearray()
-            async for chunk in response.body:
-                body += chunk
-                if len(body) > MAX_RESPONSE_SIZE:
-                    raise VerifierUnavailable("the api-server's answer is too large")
-            return response.status, bytes(body)
+            async with http_exchange(
+                stream, "POST", self.target, headers, payload, host=self.netloc
+            ) as response:
+                body = bytearray()
+                async for chunk in response.body:
+                    body += chunk
+                    if len(body) > MAX_RESPONSE_SIZE:
+                        raise VerifierUnavailable("the api-server's answer is too large")
+                return response.status, bytes(body)
+        except (trio.BrokenResourceError, OSError) as exc:  # ForwardError included
+            raise VerifierUnavailable(f"the api-server request failed: {exc!r}") from exc
 
 
 def _device_id(body: bytes) -> str:

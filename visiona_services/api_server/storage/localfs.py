@@ -20,7 +20,6 @@ a read of bytes the page cache holds is a copy from memory, done in the event lo
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -30,13 +29,15 @@ import secrets
 import stat as stat_module
 import struct
 import time
-from collections.abc import AsyncIterable, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncIterable, Callable, Generator, Sequence
 from contextlib import aclosing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
+
+from visiona_tunnel.tasks import ungrouped
 
 from .base import (
     ByteRange,
@@ -202,7 +203,7 @@ class LocalFSStore(Store):
                             nursery.start_soon(self._sync_ahead, temp.fd, syncing)
 
             blocks = metered_blocks(stream, size, limit, self._chunk_size)
-            with _first_error():
+            with ungrouped():  # a Store raises its own errors, not a group
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(write_blocks, nursery)
                     async with send, aclosing(blocks):
@@ -494,30 +495,6 @@ class _LocalReader(ObjectReader):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _first_error() -> Iterator[None]:
-    """Trio's nurseries group errors; a Store raises its own (``ObjectTooLarge``, not an
-    ``ExceptionGroup`` holding one): the group's only error other than ``Cancelled``."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
-        errors = [error for error in leaves if not isinstance(error, trio.Cancelled)]
-        if len(errors) == 1:
-            raise errors[0] from errors[0].__cause__
-        if not errors and len(leaves) == 1:
-            raise leaves[0] from None
-        raise
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for error in group.exceptions:
-        if isinstance(error, BaseExceptionGroup):
-            yield from _leaves(error)
-        else:
-            yield error
 
 
 def _url(public_url: str, token: str) -> str:
