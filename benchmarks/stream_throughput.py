@@ -335,7 +335,8 @@ async def trio_websocket_client(
     """The same over trio-websocket (64 KiB reads, 32 MiB messages), for comparison."""
     import trio_websocket
 
-    from visiona_tunnel.wsconn import DEFAULT_MAX_MESSAGE_SIZE, TrioWebSocketStream
+    from visiona_tunnel.trio_websocket_stream import TrioWebSocketStream
+    from visiona_tunnel.wsconn import DEFAULT_MAX_MESSAGE_SIZE
 
     async with trio.open_nursery() as nursery:
         connection = await trio_websocket.wrap_client_stream(
@@ -359,7 +360,8 @@ async def trio_websocket_server(
 ) -> AsyncIterator[trio.abc.Stream]:
     import trio_websocket
 
-    from visiona_tunnel.wsconn import DEFAULT_MAX_MESSAGE_SIZE, TrioWebSocketStream
+    from visiona_tunnel.trio_websocket_stream import TrioWebSocketStream
+    from visiona_tunnel.wsconn import DEFAULT_MAX_MESSAGE_SIZE
 
     async with trio.open_nursery() as nursery:
         request = await trio_websocket.wrap_server_stream(

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from support.pyrelay import traced_peak
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
-from visiona_tunnel.forward import UNREACHABLE_BODY, serve_tunnel_stream
+from visiona_tunnel.agent_stream import UNREACHABLE_BODY, serve_tunnel_stream
 from visiona_tunnel.httpstream import (
     HOP_BY_HOP_HEADERS,
     ForwardError,

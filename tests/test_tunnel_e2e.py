@@ -2,7 +2,7 @@
 (``TunnelClient``) -> a local hypercorn server, and back.
 
 The relay is ``serve_tunnel_listener`` + ``TunnelRegistry`` on 127.0.0.1 (``support.pyrelay``);
-the caller is ``Tunnel.request`` / ``Tunnel.open_raw``; the local server is
+the caller is ``Tunnel.request`` / ``Tunnel.open_stream``; the local server is
 ``support.tunnelhttp.LocalApp``. Waits are on hooks, states and events, each bounded.
 """
 
@@ -202,7 +202,7 @@ async def test_local_server_down_is_502(nursery: trio.Nursery, relay: PyRelay) -
 
 async def test_websocket_echo_over_a_raw_stream(tunnel: Tunnel, local: LocalServer) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        stream = await tunnel.open_raw()
+        stream = await tunnel.open_stream()
         ws = await client_handshake(stream, f"127.0.0.1:{local.port}", "/ws/echo")
         await ws.send_all(b"hello")
         assert await ws.receive_some() == b"hello"
@@ -381,6 +381,16 @@ async def test_stop_before_run_makes_run_return_at_once(autojump_clock: object) 
     await client.run()
     assert trio.current_time() == start
     assert client.state is ClientState.STOPPED
+
+
+async def test_wait_state_takes_the_state_s_value(relay: PyRelay, local: LocalServer) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with TunnelClient(relay.url, TOKEN, ("127.0.0.1", local.port), config=FAST) as client:
+            await client.wait_state("online")
+            assert client.state == "online"
+            with pytest.raises(ValueError):
+                await client.wait_state("loud")
+            client.stop()
 
 
 async def test_state_goes_connecting_online_reconnecting_online_stopped(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
 import unittest.mock
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,10 +22,11 @@ from wsproto.connection import Connection
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.frame_protocol import XorMaskerNull
 
+from visiona_tunnel.trio_websocket_stream import TrioWebSocketStream
 from visiona_tunnel.wsconn import (
     CLOSE_REPLACED,
     FAST_MASKING,
-    TrioWebSocketStream,
+    FastMasker,
     WebSocketClosed,
     WebSocketRejected,
     WebSocketStream,
@@ -347,16 +350,43 @@ def test_our_binary_frames_are_the_bytes_wsproto_would_send(payload: bytes, key:
 
 @given(data=st.lists(st.binary(max_size=50), max_size=8), key=st.binary(min_size=4, max_size=4))
 def test_the_fast_masker_unmasks_split_payloads_like_wsproto(data: list[bytes], key: bytes) -> None:
-    from wsproto import frame_protocol
-
-    fast = frame_protocol.XorMaskerSimple(key)
-    assert getattr(fast, "fast", False) is FAST_MASKING
+    fast = FastMasker(key)
     reference_key = bytearray(key)
     reference = b""
     for piece in data:  # the reference: XOR with the key, continuing across pieces
         reference += bytes(b ^ reference_key[(len(reference) + i) % 4] for i, b in enumerate(piece))
     assert b"".join(bytes(fast.process(bytearray(piece))) for piece in data) == reference
     assert XorMaskerNull().process(bytearray(b"abc")) == b"abc"
+
+
+async def test_a_server_stream_unmasks_in_c_without_changing_wsproto() -> None:
+    from wsproto import frame_protocol
+
+    original = frame_protocol.XorMaskerSimple
+    unmasked: list[int] = []
+    process = FastMasker.process
+
+    def counting(masker: FastMasker, data: bytes | bytearray) -> bytes:
+        unmasked.append(len(data))
+        return process(masker, data)
+
+    client, server = await memory_pair()
+    with unittest.mock.patch.object(FastMasker, "process", counting):
+        await client.send_all(b"masked by the client")
+        assert await server.receive_some() == b"masked by the client"
+    assert (unmasked == [20]) is FAST_MASKING
+    assert frame_protocol.XorMaskerSimple is original
+
+
+def test_importing_the_library_has_no_side_effects() -> None:
+    check = (
+        "import sys, wsproto.frame_protocol as f; original = f.XorMaskerSimple; "
+        "import visiona_tunnel, visiona_tunnel.yamux; "
+        "assert f.XorMaskerSimple is original; "
+        "services = {'trio_websocket', 'hypercorn', 'quart', 'quart_trio', 'cattrs'}; "
+        "assert not services & set(sys.modules), services & set(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=60)
 
 
 # -- control frames owed while a write is in progress ---------------------------------------

@@ -1,7 +1,7 @@
 """visionA tunnel: structured-concurrency reverse tunnels on trio.
 
 Layers, bottom up: :mod:`visiona_tunnel.yamux` (the multiplexer), :mod:`~visiona_tunnel.wsconn`
-(a WebSocket as a byte stream), :mod:`~visiona_tunnel.forward` and
+(a WebSocket as a byte stream), :mod:`~visiona_tunnel.agent_stream` and
 :mod:`~visiona_tunnel.httpstream` (one HTTP exchange per stream, agent and relay side),
 :mod:`~visiona_tunnel.client` (the reconnecting agent), :mod:`~visiona_tunnel.relay`
 (live tunnels by device) and :mod:`~visiona_tunnel.listener` (where agents dial in).
@@ -9,6 +9,7 @@ Beside them, :mod:`~visiona_tunnel.pairing` (trade a pairing token for a device 
 api-server) and :mod:`~visiona_tunnel.credentials` (where the agent keeps it).
 """
 
+from .agent_stream import serve_tunnel_stream
 from .backoff import backoff
 from .client import (
     ClientConfig,
@@ -26,7 +27,6 @@ from .credentials import (
     load_credentials,
     store_credentials,
 )
-from .forward import serve_tunnel_stream
 from .httpstream import ForwardError, HttpResponse, http_exchange
 from .listener import (
     Answer,

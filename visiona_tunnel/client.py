@@ -11,6 +11,7 @@ token (HTTP 401/403): then it backs off, so two agents sharing a token cannot fl
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import ssl
@@ -24,8 +25,8 @@ import attrs
 import trio
 
 from . import yamux
+from .agent_stream import serve_tunnel_stream
 from .backoff import backoff
-from .forward import serve_tunnel_stream
 from .wsconn import (
     CLOSE_REPLACED,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -155,9 +156,12 @@ class TunnelClient:
     def state(self) -> ClientState:
         return self._state
 
-    async def wait_state(self, state: ClientState) -> None:
-        """Wait until the client is in ``state``."""
-        while self._state is not state:
+    async def wait_state(self, state: ClientState | str) -> None:
+        """Wait until the client is in ``state`` (a :class:`ClientState` or its value,
+        ``"online"``: a value that is none raises ValueError at once)."""
+        wanted = ClientState(state)
+        await trio.lowlevel.checkpoint()
+        while self._state is not wanted:
             await self._state_changed.wait()
 
     def stop(self) -> None:
@@ -269,8 +273,9 @@ class TunnelClient:
                 self._set_state(ClientState.ONLINE)
                 self._call(self.hooks.on_session_up)
                 logger.info("session up", extra={"relay": self.relay_url})
-                async for stream in session:
-                    handlers.start_soon(self._handle, stream)
+                with contextlib.suppress(yamux.SessionClosed):  # why: session.close_reason
+                    async for stream in session:
+                        handlers.start_soon(self._handle, stream)
                 # The session is over: requests still waiting on the local server are moot.
                 handlers.cancel_scope.cancel()
         self._session_scope = None

@@ -38,7 +38,7 @@ import attrs
 import h11
 import trio
 
-from .forward import CHUNK_SIZE, MAX_HEAD_SIZE, abort_stream, header_tokens
+from .agent_stream import CHUNK_SIZE, MAX_HEAD_SIZE, abort_stream, header_tokens
 from .tasks import open_owned_nursery
 
 __all__ = [

@@ -5,7 +5,7 @@ registry.serve(key, ws)`` runs one tunnel, a yamux *server* session over an acce
 WebSocket, until it ends; a newer tunnel for the same key replaces the older one, which is
 closed with :data:`~visiona_tunnel.wsconn.CLOSE_REPLACED`. Agents reach it through
 :func:`visiona_tunnel.listener.serve_tunnel_listener`. Callers reach the agent through
-:meth:`Tunnel.request` (one HTTP/1.1 request per yamux stream) or :meth:`Tunnel.open_raw`
+:meth:`Tunnel.request` (one HTTP/1.1 request per yamux stream) or :meth:`Tunnel.open_stream`
 (a stream for an upgrade they drive themselves).
 """
 
@@ -129,7 +129,7 @@ class Tunnel:
         async with http_exchange(stream, method, target, headers, body) as response:
             yield response
 
-    async def open_raw(self) -> yamux.Stream:
+    async def open_stream(self) -> yamux.Stream:
         """A new stream to the agent, for a protocol upgrade the caller drives."""
         return await self.session.open_stream()
 
@@ -227,8 +227,9 @@ class TunnelRegistry:
                 await previous.close(CLOSE_REPLACED, "replaced by a newer connection")
             try:
                 # Agents do not open streams; refuse any they try to.
-                async for stream in session:
-                    await stream.reset()
+                with contextlib.suppress(yamux.SessionClosed):  # why: session.close_reason
+                    async for stream in session:
+                        await stream.reset()
             finally:
                 if self._tunnels.get(key) is tunnel:
                     del self._tunnels[key]

@@ -5,8 +5,9 @@
 boundaries (a Go yamux peer writes header and body as two messages, and gorilla splits large
 messages into continuation frames). wsproto does the protocol; this module only drives it,
 in the caller's tasks, with large reads and no per-message queue (see docs/wsconn.md for
-why this is not built on trio-websocket). ``TrioWebSocketStream`` adapts an existing
-trio-websocket connection the same way, for code that already has one.
+why this is not built on trio-websocket;
+:class:`~visiona_tunnel.trio_websocket_stream.TrioWebSocketStream` adapts an existing
+trio-websocket connection the same way, for code that already has one).
 
 Closing: a close frame with 1000 (normal) or 1001 (going away) reads as end of file; any
 other code raises :class:`WebSocketClosed` with the code, e.g. :data:`CLOSE_REPLACED` when a
@@ -19,11 +20,10 @@ import copy
 import os
 import ssl
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import urlsplit
 
 import trio
-import trio_websocket
 from wsproto import ConnectionType, WSConnection, frame_protocol
 from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
@@ -50,58 +50,64 @@ CLOSE_REPLACED = 4001
 DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
 #: Bytes asked of the transport per read.
 RECEIVE_SIZE = 256 * 1024
-_EOF_CODES = frozenset({CloseReason.NORMAL_CLOSURE, CloseReason.GOING_AWAY})
+#: Close codes that read as end of file.
+EOF_CLOSE_CODES = frozenset({CloseReason.NORMAL_CLOSURE, CloseReason.GOING_AWAY})
 
 Headers = Iterable[tuple[bytes | str, bytes | str]]
 
 
-def _install_fast_masking() -> bool:
-    """Let wsproto mask and unmask payloads with websockets' C ``apply_mask``.
-
-    wsproto's pure-Python masker (``XorMaskerSimple``) runs at about 1.2 GB/s here and was
-    the largest CPU cost of a client sending or a server receiving; ``apply_mask`` runs at
-    tens of GB/s. The replacement has the same interface and output (a property test checks
-    it against the original), and wsproto looks the class up by name each time it masks a
-    frame, so assigning it is enough. Without the C extension nothing changes.
-    """
-    try:
-        from websockets.speedups import apply_mask
-    except ImportError:
-        return False
-    original = frame_protocol.XorMaskerSimple
-    if getattr(original, "fast", False):
-        return True
-
-    class FastXorMasker:
-        fast = True
-
-        def __init__(self, masking_key: bytes | bytearray) -> None:
-            self._key = bytes(masking_key)
-
-        def process(self, data: bytes | bytearray) -> bytes:
-            if not data:
-                return bytes(data)
-            masked: bytes = apply_mask(data, self._key)
-            # The next call continues the same frame: rotate the key to where we stopped.
-            shift = len(data) % 4
-            if shift:
-                self._key = self._key[shift:] + self._key[:shift]
-            return masked
-
-    frame_protocol.XorMaskerSimple = FastXorMasker  # type: ignore[misc, assignment]
-    return True
-
-
-#: Whether wsproto masks with the C implementation (see :func:`_install_fast_masking`).
-FAST_MASKING = _install_fast_masking()
-
+_c_apply_mask: Callable[[bytes | bytearray | memoryview, bytes], bytes] | None
 try:
-    from websockets.speedups import apply_mask as _apply_mask
+    from websockets.speedups import apply_mask as _c_apply_mask
 except ImportError:  # pragma: no cover - the wheel ships the extension
+    _c_apply_mask = None
 
-    def _apply_mask(data: bytes | bytearray | memoryview, mask: bytes | bytearray) -> bytes:
-        masker = frame_protocol.XorMaskerSimple(mask)
-        return bytes(masker.process(bytearray(data)))
+#: Whether masking runs in C (websockets' ``apply_mask``, tens of GB/s, against about
+#: 1.2 GB/s for wsproto's pure-Python ``XorMaskerSimple``).
+FAST_MASKING = _c_apply_mask is not None
+
+
+def _apply_mask(data: bytes | bytearray | memoryview, mask: bytes | bytearray) -> bytes:
+    if _c_apply_mask is not None:
+        return _c_apply_mask(data, bytes(mask))
+    return bytes(frame_protocol.XorMaskerSimple(mask).process(bytearray(data)))
+
+
+class FastMasker:
+    """wsproto's masker interface (``process``, continuing one frame's key across calls),
+    in C."""
+
+    def __init__(self, masking_key: bytes | bytearray) -> None:
+        self._key = bytes(masking_key)
+
+    def process(self, data: bytes | bytearray) -> bytes:
+        if not data:
+            return bytes(data)
+        masked = _apply_mask(data, self._key)
+        # The next call continues the same frame: rotate the key to where we stopped.
+        shift = len(data) % 4
+        if shift:
+            self._key = self._key[shift:] + self._key[:shift]
+        return masked
+
+
+class _FastUnmaskingDecoder(frame_protocol.FrameDecoder):
+    """wsproto's frame decoder, unmasking what a client sends with :class:`FastMasker`:
+    a relay receives every tunnel byte masked, and unmasking was its largest CPU cost."""
+
+    def parse_header(self) -> bool:
+        parsed = super().parse_header()
+        if parsed and isinstance(self.masker, frame_protocol.XorMaskerSimple):
+            self.masker = FastMasker(self.masker._masking_key)  # type: ignore[assignment]
+        return parsed
+
+
+def _unmask_fast(connection: Connection) -> None:
+    """Give ``connection`` (ours alone: nothing process-wide changes) the fast decoder.
+    Its decoder's state is kept (the handshake's read may have fed it a frame already)."""
+    decoder = connection._proto._frame_decoder
+    if FAST_MASKING and type(decoder) is frame_protocol.FrameDecoder:
+        decoder.__class__ = _FastUnmaskingDecoder
 
 
 _BINARY_FIN = 0x80 | 0x2  # FIN, no RSV bits, opcode 2 (binary)
@@ -171,6 +177,7 @@ class WebSocketStream(trio.abc.Stream):
         self.transport = transport
         self._ws = connection
         self._client = connection.client
+        _unmask_fast(connection)
         # On TCP, header and payload go out with one sendmsg, without joining them.
         self._socket = transport.socket if isinstance(transport, trio.SocketStream) else None
         self.max_message_size = max_message_size
@@ -253,7 +260,7 @@ class WebSocketStream(trio.abc.Stream):
                 self.close_code, self.close_reason = event.code, event.reason or ""
                 if self._ws.state is ConnectionState.REMOTE_CLOSING:
                     self._control.append(self._ws.send(event.response()))
-                if event.code in _EOF_CODES:
+                if event.code in EOF_CLOSE_CODES:
                     self._eof = True
                 else:
                     self._error = WebSocketClosed(event.code, self.close_reason)
@@ -537,71 +544,12 @@ def _b(value: bytes | str) -> bytes:
     return value if isinstance(value, bytes) else value.encode("latin-1")
 
 
-# -- trio-websocket ----------------------------------------------------------------------
-
-
-class TrioWebSocketStream(trio.abc.Stream):
-    """A byte stream over an existing trio-websocket connection (e.g. in a handler of
-    ``trio_websocket.serve_websocket``). Slower than :class:`WebSocketStream`: messages go
-    through trio-websocket's reader task and queue."""
-
-    def __init__(self, connection: trio_websocket.WebSocketConnection) -> None:
-        self.connection = connection
-        self._chunks = ChunkBuffer()
-        self._eof = False
-        self._receive_conflict = ConflictDetector("another task is receiving on this WebSocket")
-        self._send_conflict = ConflictDetector("another task is sending on this WebSocket")
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        max_bytes = checked_max_bytes(max_bytes)
-        with self._receive_conflict:
-            while not self._chunks:
-                if self._eof:
-                    await trio.lowlevel.checkpoint()
-                    return b""
-                try:
-                    message = await self.connection.get_message()
-                except trio_websocket.ConnectionClosed as exc:
-                    code, reason = _close_of(exc)
-                    if code in _EOF_CODES:
-                        self._eof = True
-                        continue
-                    raise WebSocketClosed(code, reason) from exc
-                if isinstance(message, str):
-                    await self.connection.aclose(CloseReason.UNSUPPORTED_DATA, "text message")
-                    raise WebSocketClosed(CloseReason.UNSUPPORTED_DATA, "text message")
-                if message:
-                    self._chunks.append(message)
-            return self._chunks.take(max_bytes)
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        with self._send_conflict:
-            if not data:
-                await trio.lowlevel.checkpoint()
-                return
-            try:
-                await self.connection.send_message(bytes(data))
-            except trio_websocket.ConnectionClosed as exc:
-                raise WebSocketClosed(*_close_of(exc)) from exc
-
-    async def wait_send_all_might_not_block(self) -> None:
-        with self._send_conflict:
-            await trio.lowlevel.checkpoint()
-
-    async def aclose(self) -> None:
-        await self.connection.aclose()
-
-
-def _close_of(exc: trio_websocket.ConnectionClosed) -> tuple[int, str]:
-    if exc.reason is None:
-        return CloseReason.ABNORMAL_CLOSURE, ""
-    return exc.reason.code, exc.reason.reason or ""
-
-
 __all__ = [
     "CLOSE_REPLACED",
     "DEFAULT_MAX_MESSAGE_SIZE",
-    "TrioWebSocketStream",
+    "EOF_CLOSE_CODES",
+    "FAST_MASKING",
+    "FastMasker",
     "WebSocketClosed",
     "WebSocketRejected",
     "WebSocketRequest",

@@ -1,7 +1,7 @@
 """Our tunnel ends against the Go ones (``tunnelpeers/``), both ways:
 
 * ``test_go_agent_*``: the Go agent (``goagent``) -> our relay (``serve_tunnel_listener`` +
-  ``TunnelRegistry``); the caller is ``Tunnel.request`` / ``Tunnel.open_raw``.
+  ``TunnelRegistry``); the caller is ``Tunnel.request`` / ``Tunnel.open_stream``.
 * ``test_py_agent_*``: our agent (``TunnelClient``) -> the Go relay (``gorelay``); the
   caller is an HTTP client on the Go relay's front (``/forward/<device>/...``,
   ``/ws/<device>/...``).
@@ -183,7 +183,7 @@ async def test_go_agent_websocket_echo_over_a_raw_stream(
     go_tunnel: Tunnel, local: LocalServer
 ) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        ws = await client_handshake(await go_tunnel.open_raw(), local.address, "/ws/echo")
+        ws = await client_handshake(await go_tunnel.open_stream(), local.address, "/ws/echo")
         await ws.send_all(b"hello")
         assert await ws.receive_some() == b"hello"
         data = pattern(5, 3 * MiB)

@@ -1,7 +1,7 @@
 """The sans-IO yamux core: bytes in, events out, frames queued; no trio, no I/O.
 
 Layout follows h11's tests: a table of frames fed whole, byte by byte and with trailing
-data; one test per hashicorp behaviour; fuzzing for "only ProtocolError"; and a stateful
+data; one test per hashicorp behaviour; fuzzing for "only ProtocolViolation"; and a stateful
 test wiring a client and a server back to back through an unreliable-timing network.
 """
 
@@ -26,7 +26,7 @@ from hypothesis.stateful import (
 
 from visiona_tunnel.yamux.config import Config
 from visiona_tunnel.yamux.connection import YamuxConnection
-from visiona_tunnel.yamux.errors import GoAwayError, ProtocolError, StreamsExhausted
+from visiona_tunnel.yamux.core_errors import GoAwayInForce, ProtocolViolation, StreamsExhausted
 from visiona_tunnel.yamux.events import (
     DataReceived,
     Event,
@@ -271,7 +271,7 @@ def test_data_header_alone_yields_no_empty_data_event() -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Arbitrary bytes: nothing but ProtocolError, and then a GoAway(protocol error)
+# Arbitrary bytes: nothing but ProtocolViolation, and then a GoAway(protocol error)
 
 frame_like = st.builds(
     lambda version, type, flags, stream_id, length, body: (
@@ -303,8 +303,8 @@ def test_arbitrary_bytes_raise_only_protocol_error(
     conn.data_to_send()
     try:
         feed_in_pieces(conn, raw, [cut for cut in cuts if cut < len(raw)])
-    except ProtocolError as exc:
-        assert type(exc) is ProtocolError
+    except ProtocolViolation as exc:
+        assert type(exc) is ProtocolViolation
         assert exc.code == GO_AWAY_PROTOCOL_ERROR
         assert conn.terminated
         assert control(GO_AWAY, 0, 0, GO_AWAY_PROTOCOL_ERROR) in sent_frames(conn)
@@ -313,7 +313,7 @@ def test_arbitrary_bytes_raise_only_protocol_error(
 
 def test_protocol_error_queues_go_away_protocol_error() -> None:
     conn = server()
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolViolation):
         conn.receive_data(frame(9, 0, 0, 0))
     assert sent_frames(conn) == [control(GO_AWAY, 0, 0, GO_AWAY_PROTOCOL_ERROR)]
     assert conn.terminated
@@ -368,7 +368,7 @@ def test_larger_receive_window_is_announced_on_syn_as_a_delta() -> None:
 def test_data_beyond_the_receive_window_is_a_protocol_error_from_the_header_alone() -> None:
     conn = server()
     conn.receive_data(syn(1))
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolViolation):
         conn.receive_data(frame(DATA, 0, 1, INITIAL_WINDOW + 1))
     assert control(GO_AWAY, 0, 0, GO_AWAY_PROTOCOL_ERROR) in sent_frames(conn)
 
@@ -634,7 +634,7 @@ def test_inbound_syn_after_our_go_away_is_answered_with_rst() -> None:
 def test_open_stream_after_our_go_away_raises() -> None:
     conn = client()
     conn.go_away()
-    with pytest.raises(GoAwayError) as info:
+    with pytest.raises(GoAwayInForce) as info:
         conn.open_stream()
     assert not info.value.remote
 
@@ -642,7 +642,7 @@ def test_open_stream_after_our_go_away_raises() -> None:
 def test_open_stream_after_peer_go_away_raises() -> None:
     conn = client()
     conn.receive_data(go_away(GO_AWAY_NORMAL))
-    with pytest.raises(GoAwayError) as info:
+    with pytest.raises(GoAwayInForce) as info:
         conn.open_stream()
     assert info.value.remote
 
@@ -661,38 +661,38 @@ def test_go_away_is_sent_once() -> None:
 def test_duplicate_syn_is_a_protocol_error() -> None:
     conn = server()
     conn.receive_data(syn(1))
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolViolation):
         conn.receive_data(syn(1))
 
 
 def test_bad_version_is_a_protocol_error() -> None:
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolViolation):
         server().receive_data(frame(WINDOW_UPDATE, SYN, 1, 0, version=1))
 
 
 def test_unknown_frame_type_is_a_protocol_error() -> None:
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolViolation):
         server().receive_data(frame(4, 0, 0, 0))
 
 
 @pytest.mark.parametrize(("is_client", "stream_id"), [(True, 1), (False, 2)])
 def test_syn_with_our_own_parity_is_a_protocol_error(is_client: bool, stream_id: int) -> None:
     conn = YamuxConnection(client=is_client)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolViolation):
         conn.receive_data(syn(stream_id))
 
 
 @pytest.mark.parametrize("is_client", [True, False])
 def test_syn_on_stream_zero_is_a_protocol_error(is_client: bool) -> None:
     conn = YamuxConnection(client=is_client)
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolViolation):
         conn.receive_data(syn(0))
 
 
 def test_second_fin_is_a_protocol_error() -> None:
     conn = server()
     conn.receive_data(syn(1) + window_update(1, 0, FIN))
-    with pytest.raises(ProtocolError):
+    with pytest.raises(ProtocolViolation):
         conn.receive_data(data(1, b"", FIN))
 
 
@@ -1216,3 +1216,32 @@ BackToBack.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestBackToBack = BackToBack.TestCase
+
+
+# -- the core is sans-IO ----------------------------------------------------------------------
+
+CORE_MODULES = ("connection", "core_errors", "events", "frames", "config")
+
+
+@pytest.mark.parametrize("module", CORE_MODULES)
+def test_the_core_imports_no_io(module: str) -> None:
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(f"visiona_tunnel.yamux.{module}")
+    assert spec is not None and spec.origin is not None
+    with open(spec.origin, encoding="utf-8") as source:
+        tree = ast.parse(source.read())
+    imported = {
+        name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for name in (
+            [alias.name for alias in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if node.level == 0
+            else []
+        )
+    }
+    assert imported <= {"__future__", "attrs", "collections", "enum", "struct", "typing"}

@@ -23,6 +23,7 @@ from visiona_tunnel.yamux import (
     GoAwayError,
     KeepAliveTimeout,
     ProtocolError,
+    ProtocolViolation,
     Session,
     SessionClosed,
     SessionTimeout,
@@ -1040,6 +1041,18 @@ async def test_protocol_violation_ends_session_with_go_away(violation: bytes) ->
             await session.accept_stream()
         with pytest.raises(ProtocolError):
             await session.open_stream()
+
+
+async def test_the_accept_loop_raises_what_ended_the_session_uncleanly() -> None:
+    """``async for stream in session`` does not end quietly on a protocol violation."""
+    async with open_raw_pair() as (session, raw):
+        await raw.send(VIOLATIONS["unknown_type"])
+        with trio.fail_after(5), pytest.raises(ProtocolError):
+            async for _ in session:
+                pass
+        # The driver's error, made of the core's.
+        assert isinstance(session.close_reason, ProtocolError)
+        assert isinstance(session.close_reason.__cause__, ProtocolViolation)
 
 
 async def test_data_for_unknown_stream_is_drained() -> None:

@@ -213,7 +213,7 @@ class ForwardDispatcher:
             logger.exception("forward failed unexpectedly")
             await watch.fail(scope, _INTERNAL)
         if body is not None:
-            await body.drain(LINGER_IDLE)
+            await body.discard_rest(LINGER_IDLE)
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
         websocket = scope["type"] == "websocket"

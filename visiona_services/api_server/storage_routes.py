@@ -94,7 +94,7 @@ class StorageDispatcher:
         except Exception:
             logger.exception("storage request failed unexpectedly")
             await watch.fail(scope, _INTERNAL)
-        await body.drain(LINGER_IDLE)
+        await body.discard_rest(LINGER_IDLE)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         store = self.services.store

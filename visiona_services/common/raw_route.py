@@ -1,5 +1,5 @@
 """What a raw ASGI route (one served without Quart) needs around its handler: the request
-body it must drain, and a watch over what it answered.
+body it must read to its end (or discard), and a watch over what it answered.
 
 hypercorn (0.18) reports the end of a request through its bounded queue of request
 messages (10), also while the final response message goes out and after the app returned;
@@ -7,7 +7,7 @@ with that queue full of unread body it blocks there for good and never closes th
 connection. So a raw route that answers without reading the whole body -- a refusal, an
 upstream that answered early, a forward that failed -- must keep reading and dropping it:
 while the final response message is sent (:class:`ResponseWatch` with a ``body``), and
-afterwards for as long as the caller keeps sending (:meth:`RequestBody.drain` with
+afterwards for as long as the caller keeps sending (:meth:`RequestBody.discard_rest` with
 :data:`LINGER_IDLE`). Then hypercorn closes the connection (the request was not read
 whole)::
 
@@ -17,7 +17,7 @@ whole)::
         await handler(scope, body.receive, watch.send)
     except Exception:
         await watch.fail(scope, ApiError(500, "INTERNAL", "internal error"))
-    await body.drain(LINGER_IDLE)
+    await body.discard_rest(LINGER_IDLE)
 
 Both services' raw routes go through this: the remote-proxy's internal middleware, the
 api-server's forwarded routes.
@@ -63,7 +63,7 @@ class RequestBody:
             self.ended = True
         return message
 
-    async def drain(self, idle: float = math.inf) -> None:
+    async def discard_rest(self, idle: float = math.inf) -> None:
         """Drop the rest of the body until the request ends, or nothing came for ``idle``
         seconds."""
         while not self.ended:
@@ -102,7 +102,7 @@ class ResponseWatch:
             and not self.body.ended
         ):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.body.drain)
+                nursery.start_soon(self.body.discard_rest)
                 await self._send(message)
                 nursery.cancel_scope.cancel()
             return

@@ -46,7 +46,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from visiona_tunnel.forward import abort_stream
+from visiona_tunnel.agent_stream import abort_stream
 
 from .http import (
     ApiError,

@@ -57,8 +57,8 @@ def _tunnel_failure(exc: Exception) -> ApiError | None:
 def _forward_hooks(metrics: ProxyMetrics) -> ForwardHooks:
     return ForwardHooks(
         head=metrics.forward_seconds.observe,
-        request_bytes=metrics.forward_bytes_in.inc,
-        response_bytes=metrics.forward_bytes_out.inc,
+        request_bytes=metrics.forward_request_bytes.inc,
+        response_bytes=metrics.forward_response_bytes.inc,
     )
 
 

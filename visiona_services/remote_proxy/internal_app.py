@@ -224,7 +224,7 @@ class InternalMiddleware:
                     logger.exception("unhandled error in %s", scope.get("path"))
                     await watch.fail(scope, ApiError(500, "INTERNAL_ERROR", "internal error"))
                 if watch.body is not None:
-                    await watch.body.drain(LINGER_IDLE)
+                    await watch.body.discard_rest(LINGER_IDLE)
             finally:
                 log_access(access_logger, scope, watch.status, start)
 

@@ -110,11 +110,11 @@ async def serve_remote_proxy(
         logger.info("listening", extra={"tunnel": tunnel_urls, "internal": internal_urls})
         task_status.started(RunningProxy(state, tunnel_urls, internal_urls, stopping.set))
         await stopping.wait()
-        await drain(state, config.shutdown_grace)
+        await shut_down(state, config.shutdown_grace)
         servers_done.set()
 
 
-async def drain(state: ProxyState, grace: float) -> None:
+async def shut_down(state: ProxyState, grace: float) -> None:
     """No new tunnels or forwards; GoAway; in-flight forwards finish; tunnels close."""
     logger.info("draining", extra={"tunnels": len(state.tunnels), "grace": grace})
     state.draining.set()

@@ -56,8 +56,8 @@ class ProxyMetrics:
     auth_failures: Counter
     forwards: Counter  # labels: status
     forward_seconds: Histogram
-    forward_bytes_in: Counter  # request bodies sent to agents
-    forward_bytes_out: Counter  # response bodies from agents
+    forward_request_bytes: Counter  # request bodies sent to agents
+    forward_response_bytes: Counter  # response bodies from agents
 
     @classmethod
     def create(cls, tunnels: TunnelRegistry, subscribers: InFlight) -> ProxyMetrics:
@@ -100,10 +100,10 @@ class ProxyMetrics:
                 "Time to the agent's response head.",
                 FORWARD_BUCKETS,
             ),
-            forward_bytes_in=series.counter(
+            forward_request_bytes=series.counter(
                 "visiona_forward_request_bytes_total", "Request body bytes forwarded to agents."
             ),
-            forward_bytes_out=series.counter(
+            forward_response_bytes=series.counter(
                 "visiona_forward_response_bytes_total", "Response body bytes from agents."
             ),
         )

@@ -1,7 +1,7 @@
 """``WS /internal/forward-ws/{device_id}/{path}``: a WebSocket through a device's tunnel,
 relayed message by message, as a raw ASGI handler.
 
-The relay opens a tunnel stream (``Tunnel.open_raw``; the agent pipes it to its local
+The relay opens a tunnel stream (``Tunnel.open_stream``; the agent pipes it to its local
 server) and hands it to
 :func:`visiona_services.common.ws_forward.forward_asgi_websocket`, which performs the
 client handshake on it, accepts the caller with the subprotocol the local server chose,
@@ -75,7 +75,7 @@ async def _forward(
         failure = ApiError(502, "TUNNEL_DISCONNECTED", f"{device_id!r} is not connected")
         return await reject_websocket_api_error(scope, send, failure)
     upstream = WebSocketUpstream(
-        open=tunnel.open_raw,
+        open=tunnel.open_stream,
         host=_LOCAL_HOST,
         target=target.decode("latin-1"),
         timeout=state.config.forward_timeout,

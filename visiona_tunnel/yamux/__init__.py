@@ -7,11 +7,13 @@ async with open_session(transport, client=True) as session:
 
 from .config import INITIAL_STREAM_WINDOW, Config
 from .connection import YamuxConnection
+from .core_errors import GoAwayInForce, ProtocolViolation
 from .errors import (
     GoAwayError,
     KeepAliveTimeout,
     ProtocolError,
     SessionClosed,
+    SessionEnded,
     SessionTimeout,
     StreamReset,
     StreamsExhausted,
@@ -28,11 +30,14 @@ __all__ = [
     "FrameType",
     "GoAwayCode",
     "GoAwayError",
+    "GoAwayInForce",
     "Header",
     "KeepAliveTimeout",
     "ProtocolError",
+    "ProtocolViolation",
     "Session",
     "SessionClosed",
+    "SessionEnded",
     "SessionTimeout",
     "Stream",
     "StreamReset",

@@ -27,7 +27,7 @@ from typing import TypeAlias
 import attrs
 
 from .config import INITIAL_STREAM_WINDOW, Config
-from .errors import GoAwayError, ProtocolError, StreamsExhausted
+from .core_errors import GoAwayInForce, ProtocolViolation, StreamsExhausted
 from .events import (
     DataReceived,
     Event,
@@ -156,7 +156,7 @@ class YamuxConnection:
         """Parse received bytes; ``b""`` means the transport reached EOF.
 
         Raises:
-            ProtocolError: the peer broke the protocol. A GoAway(protocol error) is queued;
+            ProtocolViolation: the peer broke the protocol. A GoAway(protocol error) is queued;
                 send it, then close the transport.
         """
         if self.terminated:
@@ -307,12 +307,12 @@ class YamuxConnection:
             events.append(StreamEnded(state.stream_id))
             self._maybe_forget(state)
 
-    def _protocol_error(self, message: str) -> ProtocolError:
+    def _protocol_error(self, message: str) -> ProtocolViolation:
         # Sent even after a normal GoAway of ours: the peer must learn why we hang up.
         self.local_go_away = True
         self._control.append(pack_header(0, _GO_AWAY, 0, 0, GoAwayCode.PROTOCOL_ERROR))
         self.terminated = True
-        return ProtocolError(message)
+        return ProtocolViolation(message)
 
     # -- the application's side ---------------------------------------------------------
 
@@ -320,11 +320,11 @@ class YamuxConnection:
         """Queue a SYN for a new stream and return its id.
 
         Raises:
-            GoAwayError: a GoAway (ours or the peer's) is in force.
+            GoAwayInForce: a GoAway (ours or the peer's) is in force.
             StreamsExhausted: every id of our parity has been used.
         """
         if self.local_go_away or self.remote_go_away:
-            raise GoAwayError("a GoAway is in force", remote=self.remote_go_away)
+            raise GoAwayInForce("a GoAway is in force", remote=self.remote_go_away)
         stream_id = self._next_id
         if stream_id >= MAX_STREAM_ID - 1:
             raise StreamsExhausted("no stream ids left on this session")

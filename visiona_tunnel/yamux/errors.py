@@ -1,20 +1,30 @@
-"""Errors of the yamux layer.
+"""Errors of the yamux session (the trio driver).
 
 Stream and session failures derive from trio's resource errors, so code written for any
 ``trio.abc.Stream`` handles them: a reset stream or a dead session is a
-``trio.BrokenResourceError``. This module is only class definitions; the sans-IO core
-raises ``ProtocolError`` and ``StreamsExhausted`` and otherwise never touches trio.
+``trio.BrokenResourceError``. The sans-IO core raises its own, trio-free errors
+(:mod:`.core_errors`); the session turns them into these (:func:`session_error_of`).
 """
 
 from __future__ import annotations
 
 import trio
 
+from .core_errors import GoAwayInForce, ProtocolViolation, StreamsExhausted, YamuxError
 from .frames import GoAwayCode
 
-
-class YamuxError(Exception):
-    """Base class of every error raised by ``visiona_tunnel.yamux``."""
+__all__ = [
+    "GoAwayError",
+    "KeepAliveTimeout",
+    "ProtocolError",
+    "SessionClosed",
+    "SessionEnded",
+    "SessionTimeout",
+    "StreamReset",
+    "StreamsExhausted",
+    "YamuxError",
+    "session_error_of",
+]
 
 
 class SessionClosed(YamuxError, trio.BrokenResourceError):
@@ -23,6 +33,11 @@ class SessionClosed(YamuxError, trio.BrokenResourceError):
     Subclasses say why. Each waiting task gets its own instance, chained (``__cause__``)
     to the error that ended the session.
     """
+
+
+class SessionEnded(SessionClosed):
+    """The session ended cleanly: closed by this side, or the peer hung up (EOF). ``async
+    for stream in session`` stops on this one; any other reason is raised."""
 
 
 class ProtocolError(SessionClosed):
@@ -67,5 +82,12 @@ class StreamReset(YamuxError, trio.BrokenResourceError):
     """The stream was reset (RST), by the peer or by us; buffered data is discarded."""
 
 
-class StreamsExhausted(YamuxError):
-    """This side has used every stream id it may open (2**32 - 2 is the last)."""
+def session_error_of(error: ProtocolViolation | GoAwayInForce) -> SessionClosed:
+    """The session's error for what the core raised (chained to it)."""
+    mapped: SessionClosed
+    if isinstance(error, ProtocolViolation):
+        mapped = ProtocolError(str(error), error.code)
+    else:
+        mapped = GoAwayError(str(error), remote=error.remote)
+    mapped.__cause__ = error
+    return mapped

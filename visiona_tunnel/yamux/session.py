@@ -25,7 +25,15 @@ import trio
 
 from .config import Config
 from .connection import YamuxConnection
-from .errors import GoAwayError, KeepAliveTimeout, SessionClosed, SessionTimeout
+from .core_errors import GoAwayInForce, ProtocolViolation
+from .errors import (
+    GoAwayError,
+    KeepAliveTimeout,
+    SessionClosed,
+    SessionEnded,
+    SessionTimeout,
+    session_error_of,
+)
 from .events import (
     DataReceived,
     Event,
@@ -144,12 +152,15 @@ class Session:
         """
         await trio.lowlevel.checkpoint()
         while self._conn.unacked_streams >= self.config.accept_backlog:
-            self._raise_if_closed()
+            self.raise_if_closed()
             if self._open_waiter is None:
                 self._open_waiter = trio.Event()
             await self._open_waiter.wait()
-        self._raise_if_closed()
-        stream_id = self._conn.open_stream()
+        self.raise_if_closed()
+        try:
+            stream_id = self._conn.open_stream()
+        except GoAwayInForce as exc:
+            raise session_error_of(exc) from exc
         stream = self._streams[stream_id] = Stream(self, stream_id)
         if self.config.stream_open_timeout is not None:
             self._add_timer(self.config.stream_open_timeout, _OPEN_TIMER, stream_id)
@@ -170,25 +181,28 @@ class Session:
                 if stream is not None:  # else it came in the read that broke the session
                     return stream
                 continue
-            self._raise_if_closed()
+            self.raise_if_closed()
             # Any number of tasks may wait; they share one event and retry when it fires.
             if self._accept_waiter is None:
                 self._accept_waiter = trio.Event()
             await self._accept_waiter.wait()
 
     def __aiter__(self) -> AsyncIterator[Stream]:
+        """The streams the peer opens, until the session ends: quietly when it ended cleanly
+        (:class:`SessionEnded`), else with the reason (a protocol error, a timeout, a broken
+        transport)."""
         return self
 
     async def __anext__(self) -> Stream:
         try:
             return await self.accept_stream()
-        except SessionClosed:
+        except SessionEnded:
             raise StopAsyncIteration from None
 
     async def ping(self) -> float:
         """Send a ping and return the round-trip time in seconds."""
         await trio.lowlevel.checkpoint()
-        self._raise_if_closed()
+        self.raise_if_closed()
         started = trio.current_time()
         opaque = self._send_ping()
         self._pings[opaque] = answered = trio.Event()
@@ -196,7 +210,7 @@ class Session:
             await answered.wait()
         finally:
             del self._pings[opaque]
-        self._raise_if_closed()
+        self.raise_if_closed()
         return trio.current_time() - started
 
     def _send_ping(self) -> int:
@@ -210,7 +224,7 @@ class Session:
     async def go_away(self) -> None:
         """Tell the peer we accept no new streams and open none; existing streams go on."""
         await trio.lowlevel.checkpoint()
-        self._raise_if_closed()
+        self.raise_if_closed()
         self._conn.go_away()
         self._wake_writer()
 
@@ -218,7 +232,7 @@ class Session:
         """Flush queued frames, send GoAway, close the transport. Idempotent."""
         if self._close_reason is None:
             self._conn.go_away()
-            self._terminate(SessionClosed("the session was closed by this side"))
+            self._terminate(SessionEnded("the session was closed by this side"))
         try:
             with trio.move_on_after(self.config.connection_write_timeout):
                 await self._writer.done.wait()
@@ -227,7 +241,7 @@ class Session:
 
     # -- used by Stream -------------------------------------------------------------------
 
-    def _raise_if_closed(self) -> None:
+    def raise_if_closed(self) -> None:
         reason = self._close_reason
         if reason is not None:
             # A fresh instance per raise: one exception object must not be raised by
@@ -242,7 +256,7 @@ class Session:
             self._wake_queue_waiters()
         _wake(self._control_drained)
 
-    def _queue_data(self, stream: Stream, data: bytes | memoryview) -> int:
+    def queue_data(self, stream: Stream, data: bytes | memoryview) -> int:
         room = WRITE_QUEUE_LIMIT - self._conn.queued_data_bytes
         if room < min(len(data), self.config.max_frame_size):
             # Wait for the writer rather than queue a sliver of a frame.
@@ -253,7 +267,7 @@ class Session:
             self._wake_writer()
         return sent
 
-    def _send_would_block(self, stream: Stream) -> bool:
+    def send_would_block(self, stream: Stream) -> bool:
         if self._conn.queued_data_bytes >= WRITE_QUEUE_LIMIT:
             self._queue_waiters[stream] = None
             return True
@@ -267,19 +281,19 @@ class Session:
             stream = next(iter(waiters))
             del waiters[stream]
             room -= max(self._conn.send_window(stream.stream_id), self.config.max_frame_size)
-            stream._wake_sender()
+            stream.window_opened()
 
-    def _consumed(self, stream: Stream, nbytes: int) -> None:
+    def consumed(self, stream: Stream, nbytes: int) -> None:
         now = trio.current_time() if self._auto_tune else None
         self._conn.consume(stream.stream_id, nbytes, now)
         if self._conn.has_data_to_send():
             self._wake_writer()
 
-    def _close_stream(self, stream: Stream) -> None:
+    def close_stream(self, stream: Stream) -> None:
         self._conn.close_stream(stream.stream_id)
         self._after_local_close(stream)
 
-    def _abandon_stream(self, stream: Stream) -> None:
+    def abandon_stream(self, stream: Stream) -> None:
         self._conn.abandon_stream(stream.stream_id)
         self._streams.pop(stream.stream_id, None)
         self._after_local_close(stream)
@@ -292,7 +306,7 @@ class Session:
             self._add_timer(self.config.stream_close_timeout, _CLOSE_TIMER, stream.stream_id)
         self._wake_writer()
 
-    def _reset_stream(self, stream: Stream) -> None:
+    def reset_stream(self, stream: Stream) -> None:
         self._conn.reset_stream(stream.stream_id)
         self._streams.pop(stream.stream_id, None)
         self._wake_open_waiter()
@@ -306,9 +320,9 @@ class Session:
             return
         self._close_reason = reason
         for stream in self._streams.values():
-            stream._wake_all()
+            stream.wake_all()
         for stream in self._incoming.values():
-            stream._wake_all()
+            stream.wake_all()
         for answered in self._pings.values():
             answered.set()
         _wake(self._accept_waiter)
@@ -331,7 +345,7 @@ class Session:
                 data = await receive(RECEIVE_SIZE)
                 self._last_inbound = trio.current_time()
                 if not data:
-                    self._terminate(SessionClosed("the peer closed the connection"))
+                    self._terminate(SessionEnded("the peer closed the connection"))
                     return
                 events = feed(data)
                 if events:
@@ -350,8 +364,8 @@ class Session:
                     ):
                         self._control_drained = drained = trio.Event()
                         await drained.wait()
-        except SessionClosed as exc:  # ProtocolError from the core; GoAway(1) is queued
-            self._terminate(exc)
+        except ProtocolViolation as exc:  # the core has queued GoAway(protocol error)
+            self._terminate(session_error_of(exc))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             reason = SessionClosed(f"the transport failed: {exc!r}")
             reason.__cause__ = exc
@@ -360,52 +374,46 @@ class Session:
     def _dispatch(self, events: list[Event]) -> None:
         streams = self._streams
         for event in events:
-            kind = type(event)
-            if kind is DataReceived:
-                assert isinstance(event, DataReceived)
-                stream = streams.get(event.stream_id)
-                if stream is None:  # closed by us meanwhile: give the credit back
-                    self._conn.consume(event.stream_id, len(event.data))
-                else:
-                    stream._data_received(event.data)
-            elif kind is WindowUpdated:
-                stream = streams.get(event.stream_id)  # type: ignore[union-attr]
-                if stream is not None:
-                    stream._wake_sender()
-            elif kind is StreamOpened:
-                stream = Stream(self, event.stream_id)  # type: ignore[union-attr]
-                streams[stream.stream_id] = self._incoming[stream.stream_id] = stream
-                _wake(self._accept_waiter)
-                self._accept_waiter = None
-            elif kind is StreamEnded:
-                stream = streams.get(event.stream_id)  # type: ignore[union-attr]
-                if stream is not None:
-                    stream._end_received()
-                    # Decide by the stream's own flags: the core may already have moved
-                    # on (an RST later in the same read), and that event must still reach it.
-                    if stream._send_closed:
-                        del streams[stream.stream_id]
-            elif kind is ResetReceived:
-                stream = streams.pop(event.stream_id, None)  # type: ignore[union-attr]
-                if stream is not None:
-                    stream._reset_received()
-                self._wake_open_waiter()
-            elif kind is StreamAcked:
-                self._wake_open_waiter()
-            elif kind is PongReceived:
-                opaque = event.opaque  # type: ignore[union-attr]
-                started = self._ping_started.pop(opaque, None)
-                if started is not None:
-                    self._conn.rtt = trio.current_time() - started
-                answered = self._pings.get(opaque)
-                if answered is not None:
-                    answered.set()
-            elif kind is GoAwayReceived:
-                code = event.code  # type: ignore[union-attr]
-                if code:
-                    self._terminate(GoAwayError(f"the peer sent GoAway({code})", code))
-                else:
+            match event:
+                case DataReceived(stream_id=stream_id, data=data):
+                    stream = streams.get(stream_id)
+                    if stream is None:  # closed by us meanwhile: give the credit back
+                        self._conn.consume(stream_id, len(data))
+                    else:
+                        stream.data_received(data)
+                case WindowUpdated(stream_id=stream_id):
+                    if (stream := streams.get(stream_id)) is not None:
+                        stream.window_opened()
+                case StreamOpened(stream_id=stream_id):
+                    streams[stream_id] = self._incoming[stream_id] = Stream(self, stream_id)
+                    _wake(self._accept_waiter)
+                    self._accept_waiter = None
+                case StreamEnded(stream_id=stream_id):
+                    if (stream := streams.get(stream_id)) is not None:
+                        stream.end_received()
+                        # Decide by the stream's own flags: the core may already have moved
+                        # on (an RST later in the same read), and that event must still
+                        # reach it.
+                        if stream.send_closed:
+                            del streams[stream_id]
+                case ResetReceived(stream_id=stream_id):
+                    if (stream := streams.pop(stream_id, None)) is not None:
+                        stream.reset_received()
                     self._wake_open_waiter()
+                case StreamAcked():
+                    self._wake_open_waiter()
+                case PongReceived(opaque=opaque):
+                    started = self._ping_started.pop(opaque, None)
+                    if started is not None:
+                        self._conn.rtt = trio.current_time() - started
+                    answered = self._pings.get(opaque)
+                    if answered is not None:
+                        answered.set()
+                case GoAwayReceived(code=code):
+                    if code:
+                        self._terminate(GoAwayError(f"the peer sent GoAway({code})", code))
+                    else:
+                        self._wake_open_waiter()
 
     async def _run_writer(self) -> None:
         failure = await self._writer.run()
@@ -478,6 +486,6 @@ class Session:
             stream = self._streams.pop(stream_id, None)
             self._conn.reset_stream(stream_id)
             if stream is not None:
-                stream._reset_received()
+                stream.reset_received()
             self._wake_open_waiter()  # it may have been one of the unACKed
             self._wake_writer()

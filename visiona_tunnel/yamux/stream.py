@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import trio
 
@@ -10,8 +10,37 @@ from ..chunks import ChunkBuffer, checked_max_bytes
 from ..conflict import ConflictDetector
 from .errors import StreamReset
 
-if TYPE_CHECKING:
-    from .session import Session
+
+class StreamSession(Protocol):
+    """What a stream asks of its session (:class:`~.session.Session` is one): the whole
+    interface between the two, this way. The other way, the session calls the stream's
+    :meth:`~Stream.data_received`, :meth:`~Stream.end_received`,
+    :meth:`~Stream.reset_received`, :meth:`~Stream.window_opened` and
+    :meth:`~Stream.wake_all`, and reads :attr:`~Stream.send_closed`."""
+
+    @property
+    def is_closed(self) -> bool: ...
+
+    def raise_if_closed(self) -> None:
+        """Raise the session's close reason (a fresh ``SessionClosed``) if it has ended."""
+
+    def queue_data(self, stream: Stream, data: memoryview) -> int:
+        """Queue as much of ``data`` as the window and the send queue take; how much."""
+        ...
+
+    def send_would_block(self, stream: Stream) -> bool: ...
+
+    def consumed(self, stream: Stream, nbytes: int) -> None:
+        """The application read ``nbytes``: credit for the peer."""
+
+    def close_stream(self, stream: Stream) -> None:
+        """Queue our FIN."""
+
+    def abandon_stream(self, stream: Stream) -> None:
+        """Closed by us without reading the rest: its data from now on gets RST."""
+
+    def reset_stream(self, stream: Stream) -> None:
+        """Queue an RST and forget the stream."""
 
 
 class Stream(trio.abc.HalfCloseableStream):
@@ -23,7 +52,7 @@ class Stream(trio.abc.HalfCloseableStream):
     ``trio.BrokenResourceError``); a dead session raises ``SessionClosed``.
     """
 
-    def __init__(self, session: Session, stream_id: int) -> None:
+    def __init__(self, session: StreamSession, stream_id: int) -> None:
         self._session = session
         self.stream_id = stream_id
         self._chunks = ChunkBuffer(coalesce=True)
@@ -54,30 +83,37 @@ class Stream(trio.abc.HalfCloseableStream):
                 if self._eof:
                     data = b""
                     break
-                self._session._raise_if_closed()
+                self._session.raise_if_closed()
                 self._receive_waiter = waiter = trio.Event()
                 await waiter.wait()
                 blocked = True
             else:
                 self._raise_if_unusable()
                 data = self._chunks.take(max_bytes)
-                self._session._consumed(self, len(data))
+                self._session.consumed(self, len(data))
             if not blocked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
 
-    def _data_received(self, data: bytes) -> None:
+    # -- the session's side (see StreamSession) ----------------------------------------------
+
+    @property
+    def send_closed(self) -> bool:
+        """Our FIN is queued (or the stream was closed)."""
+        return self._send_closed
+
+    def data_received(self, data: bytes) -> None:
         self._chunks.append(data)
         self._wake_receiver()
 
-    def _end_received(self) -> None:
+    def end_received(self) -> None:
         self._eof = True
         self._wake_receiver()
 
-    def _reset_received(self) -> None:
+    def reset_received(self) -> None:
         self._reset = self._reset_by_peer = True
         self._chunks.clear()
-        self._wake_all()
+        self.wake_all()
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -92,7 +128,7 @@ class Stream(trio.abc.HalfCloseableStream):
             session = self._session
             blocked = False
             while view:
-                sent = session._queue_data(self, view)
+                sent = session.queue_data(self, view)
                 view = view[sent:]
                 if view and not sent:
                     self._send_waiter = waiter = trio.Event()
@@ -107,7 +143,7 @@ class Stream(trio.abc.HalfCloseableStream):
             await trio.lowlevel.checkpoint()
             while True:
                 self._raise_if_cannot_send()
-                if not self._session._send_would_block(self):
+                if not self._session.send_would_block(self):
                     return
                 self._send_waiter = waiter = trio.Event()
                 await waiter.wait()
@@ -118,9 +154,9 @@ class Stream(trio.abc.HalfCloseableStream):
             if self._send_closed:
                 return
             self._raise_if_unusable()
-            self._session._raise_if_closed()
+            self._session.raise_if_closed()
             self._send_closed = True
-            self._session._close_stream(self)
+            self._session.close_stream(self)
 
     # -- closing ---------------------------------------------------------------------------
 
@@ -131,8 +167,8 @@ class Stream(trio.abc.HalfCloseableStream):
             self._chunks.clear()
             if not self._reset and not self._session.is_closed:
                 self._send_closed = True
-                self._session._abandon_stream(self)
-            self._wake_all()
+                self._session.abandon_stream(self)
+            self.wake_all()
         await trio.lowlevel.checkpoint()
 
     async def reset(self) -> None:
@@ -140,8 +176,8 @@ class Stream(trio.abc.HalfCloseableStream):
         if not self._reset and not self._closed and not self._session.is_closed:
             self._reset = True
             self._chunks.clear()
-            self._session._reset_stream(self)
-            self._wake_all()
+            self._session.reset_stream(self)
+            self.wake_all()
         await trio.lowlevel.checkpoint()
 
     # -- helpers ----------------------------------------------------------------------------
@@ -157,7 +193,7 @@ class Stream(trio.abc.HalfCloseableStream):
         self._raise_if_unusable()
         if self._send_closed:
             raise trio.ClosedResourceError("send_eof() was called on this stream")
-        self._session._raise_if_closed()
+        self._session.raise_if_closed()
 
     def _wake_receiver(self) -> None:
         waiter = self._receive_waiter
@@ -165,12 +201,12 @@ class Stream(trio.abc.HalfCloseableStream):
             self._receive_waiter = None
             waiter.set()
 
-    def _wake_sender(self) -> None:
+    def window_opened(self) -> None:
         waiter = self._send_waiter
         if waiter is not None:
             self._send_waiter = None
             waiter.set()
 
-    def _wake_all(self) -> None:
+    def wake_all(self) -> None:
         self._wake_receiver()
-        self._wake_sender()
+        self.window_opened()

@@ -61,7 +61,7 @@ from visiona_services.remote_proxy.internal_app import (
     create_internal_app,
 )
 from visiona_services.remote_proxy.state import ProxyState
-from visiona_tunnel.forward import UNREACHABLE_BODY
+from visiona_tunnel.agent_stream import UNREACHABLE_BODY
 
 #: Upper bound for one test body.
 TEST_TIMEOUT = 30.0

@@ -432,7 +432,7 @@ async def test_agent_that_stops_reading_is_dropped(nursery: trio.Nursery) -> Non
 
             async def push() -> None:
                 with contextlib.suppress(trio.BrokenResourceError):
-                    stream = await tunnel.open_raw()
+                    stream = await tunnel.open_stream()
                     await stream.send_all(b"x" * 256 * 1024)
 
             async with trio.open_nursery() as pushers:
