@@ -9,17 +9,8 @@ Beside them, :mod:`~visiona_tunnel.pairing` (trade a pairing token for a device 
 api-server) and :mod:`~visiona_tunnel.credentials` (where the agent keeps it).
 """
 
-from .agent_stream import serve_tunnel_stream
-from .backoff import backoff
-from .client import (
-    ClientConfig,
-    ClientHooks,
-    ClientState,
-    Replaced,
-    TokenRefused,
-    TunnelClient,
-    check_relay_url,
-)
+from . import yamux
+from .client import ClientConfig, ClientHooks, ClientState, Replaced, TokenRefused, TunnelClient
 from .credentials import (
     CredentialsError,
     DeviceCredentials,
@@ -27,22 +18,14 @@ from .credentials import (
     load_credentials,
     store_credentials,
 )
-from .httpstream import ForwardError, HttpResponse, http_exchange
-from .listener import (
-    Answer,
-    ListenerRequest,
-    Refusal,
-    admit_with,
-    plain_text,
-    serve_tunnel_listener,
-)
+from .httpstream import ForwardError, HttpResponse
+from .listener import Answer, ListenerRequest, Refusal, admit_with, serve_tunnel_listener
 from .pairing import (
     PairingError,
     PairingFailed,
     PairingRefused,
     PairingResult,
     PairingUnavailable,
-    exchange_pairing_token,
     pair_device,
 )
 from .relay import (
@@ -64,6 +47,9 @@ from .wsconn import (
 
 __version__ = "0.1.0"
 
+# What a user needs, at one level: the agent (client, pairing, credentials), the relay
+# (registry, listener, requests), the WebSocket transport. The layers below have their own
+# modules: yamux, httpstream.http_exchange, agent_stream.serve_tunnel_stream, backoff.
 __all__ = [
     "CLOSE_REPLACED",
     "Answer",
@@ -96,16 +82,11 @@ __all__ = [
     "WebSocketStream",
     "__version__",
     "admit_with",
-    "backoff",
-    "check_relay_url",
     "connect_websocket_stream",
     "default_credentials_path",
-    "exchange_pairing_token",
-    "http_exchange",
     "load_credentials",
     "pair_device",
-    "plain_text",
     "serve_tunnel_listener",
-    "serve_tunnel_stream",
     "store_credentials",
+    "yamux",
 ]
