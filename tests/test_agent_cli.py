@@ -8,10 +8,15 @@ token in ``VISIONA_AGENT_TOKEN``. Waits are on its log lines, each bounded.
 from __future__ import annotations
 
 import signal
+import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import trio
+import trustme
 from support.agentprocess import (
     LINE_TIMEOUT,
     START_TIMEOUT,
@@ -20,6 +25,7 @@ from support.agentprocess import (
     is_state,
 )
 from support.pyrelay import PyRelay, start_py_relay
+from support.tunnelapp import start_tunnel_listener
 from support.tunnelhttp import LocalServer
 
 from visiona_tunnel.relay import TunnelDown, TunnelEvent
@@ -106,3 +112,36 @@ def test_client_state_compares_equal_to_its_name() -> None:
         "reconnecting",
         "stopped",
     ]
+
+
+# -- wss:// with a private CA ---------------------------------------------------------------
+
+
+async def test_the_agent_dials_a_wss_relay_trusting_its_ca_file(
+    nursery: trio.Nursery, local: LocalServer, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    listener = await start_tunnel_listener(nursery, {TOKEN: DEVICE}, ssl_context=server_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    args = ["--relay-url", listener.url, "--local", local.address, "--ca-file", str(ca_file)]
+    async with agent_process(nursery, args, {"VISIONA_AGENT_TOKEN": TOKEN}) as agent:
+        await agent.wait_for(is_state("online"), timeout=START_TIMEOUT)
+        with trio.fail_after(LINE_TIMEOUT):
+            assert (await listener.state.tunnels.wait_for(DEVICE)).key == DEVICE
+
+
+def test_a_ca_file_that_does_not_load_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    missing = str(tmp_path / "missing.pem")
+    command = [sys.executable, "-m", "visiona_tunnel.agent", "--local", "127.0.0.1:1"]
+    result = subprocess.run(
+        [*command, "--ca-file", missing],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("visiona-agent: argument --ca-file: cannot load")

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Mapping
@@ -142,6 +143,15 @@ def parse_jitter(value: str) -> float:
     return jitter
 
 
+def parse_ca_file(value: str) -> ssl.SSLContext:
+    """``--ca-file``: a client context trusting the PEM certificates in the file."""
+    try:
+        return ssl.create_default_context(cafile=value)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        reason = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise argparse.ArgumentTypeError(f"cannot load {value!r}: {reason}") from None
+
+
 def parse_log_level(value: str) -> str:
     level = value.strip().lower()
     if level not in LOG_LEVELS:
@@ -174,6 +184,13 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
         "--relay-url", type=parse_relay_url, help="ws(s)://host:port/tunnel/connect"
     )
     direct.add_argument("--token", help=f"device token (default: ${TOKEN_ENV})")
+    parser.add_argument(
+        "--ca-file",
+        type=parse_ca_file,
+        metavar="PATH",
+        help="PEM certificates a wss:// relay's certificate must chain to (default: the "
+        "system's trust store)",
+    )
     parser.add_argument(
         "--jitter",
         type=parse_jitter,
@@ -414,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.Formatter.converter = time.gmtime
     try:
         plan = plan_start(args)
-        return trio.run(run, plan, args.local, ClientConfig(backoff_jitter=args.jitter))
+        config = ClientConfig(backoff_jitter=args.jitter, ssl_context=args.ca_file)
+        return trio.run(run, plan, args.local, config)
     except AgentExit as exc:
         print(f"visiona-agent: {exc}", file=sys.stderr)
         return exc.exit_code
