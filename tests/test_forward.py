@@ -33,7 +33,7 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 from visiona_tunnel.agent_stream import UNREACHABLE_BODY, serve_tunnel_stream
 from visiona_tunnel.httpstream import (
     HOP_BY_HOP_HEADERS,
-    ForwardError,
+    ExchangeError,
     HttpResponse,
     http_exchange,
     request_headers,
@@ -482,7 +482,7 @@ async def test_local_server_hanging_up_before_answering_answers_502(tunnel: Tunn
 async def test_local_server_dying_mid_response_is_an_error_for_the_relay(tunnel: Tunnel) -> None:
     # A yamux stream is reset; a memory stream, which cannot be, ends before the body does.
     cause = StreamReset if tunnel.relay_session is not None else h11.RemoteProtocolError
-    with pytest.raises(ForwardError) as raised:
+    with pytest.raises(ExchangeError) as raised:
         await fetch(tunnel, "GET", "/die")
     assert isinstance(raised.value.__cause__, cause)
 
@@ -551,7 +551,7 @@ async def test_body_iterable_failing_resets_the_stream_and_is_the_forward_errors
 
     with trio.fail_after(TEST_TIMEOUT):
         stream = await yamux_tunnel.open_stream()
-        with pytest.raises(ForwardError) as raised:
+        with pytest.raises(ExchangeError) as raised:
             async with http_exchange(stream, "POST", "/echo", [], failing_body()) as response:
                 async for _ in response.body:
                     pass
@@ -638,7 +638,7 @@ async def raw_exchange(
                 async with http_exchange(relay_end, method, "/x") as response:
                     async for chunk in response.body:
                         body += chunk
-            except ForwardError as exc:
+            except ExchangeError as exc:
                 failure = exc
             nursery.cancel_scope.cancel()
     return response, bytes(body), failure
@@ -676,7 +676,7 @@ async def test_a_content_length_body_cut_short_is_a_forward_error(answer: list[b
     response, body, failure = await raw_exchange("GET", answer, eof=True)
     assert response is not None and not response.complete
     assert body == b"".join(answer)[len(HEAD_10) :]
-    assert isinstance(failure, ForwardError)
+    assert isinstance(failure, ExchangeError)
     assert isinstance(failure.__cause__, h11.RemoteProtocolError)
     assert f"received {len(body)} bytes, expected 10" in str(failure)
 

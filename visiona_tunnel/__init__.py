@@ -18,7 +18,7 @@ from .credentials import (
     load_credentials,
     store_credentials,
 )
-from .httpstream import ForwardError, HttpResponse
+from .httpstream import ExchangeError, HttpResponse
 from .listener import Answer, ListenerRequest, Refusal, admit_with, serve_tunnel_listener
 from .pairing import (
     PairingError,
@@ -58,7 +58,7 @@ __all__ = [
     "ClientState",
     "CredentialsError",
     "DeviceCredentials",
-    "ForwardError",
+    "ExchangeError",
     "HttpResponse",
     "ListenerRequest",
     "PairingError",

@@ -19,7 +19,7 @@ stream belongs to the exchange from the call on. Timeouts are the caller's
 (``trio.fail_after`` around the block).
 
 A response that is missing, malformed or cut short (EOF or reset before its end) raises
-:class:`ForwardError`, as does a request body whose iterable fails (its error is the
+:class:`ExchangeError`, as does a request body whose iterable fails (its error is the
 cause); the agent's 502 and 400 answers are ordinary responses.
 
 h11 parses the response head, and the body unless it is framed by ``Content-Length``: such
@@ -43,7 +43,7 @@ from .tasks import open_owned_nursery
 
 __all__ = [
     "HOP_BY_HOP_HEADERS",
-    "ForwardError",
+    "ExchangeError",
     "HttpResponse",
     "http_exchange",
     "request_headers",
@@ -67,8 +67,9 @@ HOP_BY_HOP_HEADERS: frozenset[bytes] = frozenset(
 )
 
 
-class ForwardError(trio.BrokenResourceError):
-    """The agent's response was missing, malformed or cut short (see ``__cause__``)."""
+class ExchangeError(trio.BrokenResourceError):
+    """The response (the agent's, or whichever server answers the exchange) was missing,
+    malformed or cut short, or the request body failed (see ``__cause__``)."""
 
 
 def _as_bytes(value: bytes | str) -> bytes:
@@ -152,7 +153,7 @@ class _Exchange:
     async def upload(self, body: bytes | AsyncIterable[bytes]) -> None:
         """The exchange's task. A failing ``body`` resets the stream (the agent must not
         see a complete request) and is reported where the caller is, reading the
-        response: as the cause of its :class:`ForwardError`. A broken stream ends the
+        response: as the cause of its :class:`ExchangeError`. A broken stream ends the
         upload quietly (reading the response tells what happened). An async generator
         ``body`` is closed when the upload ends."""
         try:
@@ -192,11 +193,11 @@ class _Exchange:
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._raise_broken(exc)
             except h11.RemoteProtocolError as exc:
-                raise ForwardError(f"bad response from the agent: {exc}") from exc
+                raise ExchangeError(f"bad response from the agent: {exc}") from exc
             if isinstance(event, h11.ConnectionClosed):
-                raise ForwardError("the agent closed the stream without a response")
+                raise ExchangeError("the agent closed the stream without a response")
             if not isinstance(event, h11.Event):
-                raise ForwardError(f"unexpected response from the agent: {event!r}")
+                raise ExchangeError(f"unexpected response from the agent: {event!r}")
             return event
 
     def _raise_broken(self, exc: Exception) -> NoReturn:
@@ -205,8 +206,8 @@ class _Exchange:
             raise trio.ClosedResourceError("the response was closed") from exc
         if self.upload_error is not None:
             message = f"the request body failed: {self.upload_error!r}"
-            raise ForwardError(message) from self.upload_error
-        raise ForwardError(f"the tunnel stream broke: {exc!r}") from exc
+            raise ExchangeError(message) from self.upload_error
+        raise ExchangeError(f"the tunnel stream broke: {exc!r}") from exc
 
     async def read_head(self, method: bytes) -> h11.Response:
         while True:
@@ -219,7 +220,7 @@ class _Exchange:
                     self.raw_remaining = self.raw_length
                 return event
             if not isinstance(event, h11.InformationalResponse) or event.status_code == 101:
-                raise ForwardError(f"unexpected response from the agent: {event!r}")
+                raise ExchangeError(f"unexpected response from the agent: {event!r}")
 
     async def _next_raw(self) -> bytes:
         """The next piece of a body read without h11."""
@@ -242,7 +243,7 @@ class _Exchange:
                 "peer closed connection without sending complete message body: "
                 f"received {received} bytes, expected {self.raw_length}"
             )
-            raise ForwardError(f"bad response from the agent: {cause}") from cause
+            raise ExchangeError(f"bad response from the agent: {cause}") from cause
         self.raw_remaining -= len(data)
         return data
 
@@ -262,7 +263,7 @@ class _Exchange:
         if isinstance(event, h11.EndOfMessage):
             self.complete = True
             raise StopAsyncIteration
-        raise ForwardError(f"unexpected event in the response body: {event!r}")
+        raise ExchangeError(f"unexpected event in the response body: {event!r}")
 
     async def aclose(self) -> None:
         if self.closed:
@@ -292,7 +293,7 @@ class HttpResponse:
     @property
     def body(self) -> AsyncIterator[bytes]:
         """The body, chunk by chunk (``async for``); ends at the end of the response;
-        :class:`ForwardError` if the response is cut short. Iterate it once."""
+        :class:`ExchangeError` if the response is cut short. Iterate it once."""
         return self._exchange
 
     @property
@@ -327,7 +328,7 @@ async def http_exchange(
     per byte).
 
     Raises:
-        ForwardError: no valid response head (the stream is reset by then).
+        ExchangeError: no valid response head (the stream is reset by then).
     """
     exchange = _Exchange(stream, read_size)
     async with open_owned_nursery() as nursery:
@@ -340,7 +341,7 @@ async def http_exchange(
             try:
                 await exchange.send(request)
             except trio.BrokenResourceError as exc:
-                raise ForwardError(f"the tunnel stream broke: {exc}") from exc
+                raise ExchangeError(f"the tunnel stream broke: {exc}") from exc
             if isinstance(body, bytes) and not body:
                 exchange.conn.send(h11.EndOfMessage())
                 exchange.uploaded = True

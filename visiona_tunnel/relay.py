@@ -122,7 +122,7 @@ class Tunnel:
                 async for chunk in response.body: ...
 
         Raises:
-            yamux.SessionClosed: the tunnel is gone. httpstream.ForwardError: the agent's
+            yamux.SessionClosed: the tunnel is gone. httpstream.ExchangeError: the agent's
                 answer was missing, malformed or cut short.
         """
         stream = await self.session.open_stream()

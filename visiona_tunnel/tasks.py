@@ -2,7 +2,7 @@
 
 Trio groups what leaves a nursery in an ``ExceptionGroup``, even a single error of its body.
 An object that owns a task or two behind an API of its own (an HTTP exchange and its upload,
-say) raises its own errors: callers write ``except ForwardError``, not ``except*``.
+say) raises its own errors: callers write ``except ExchangeError``, not ``except*``.
 """
 
 from __future__ import annotations

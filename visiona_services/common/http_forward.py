@@ -61,7 +61,7 @@ from contextlib import AbstractAsyncContextManager
 import attrs
 import trio
 
-from visiona_tunnel.httpstream import ForwardError, HttpResponse, without_hop_by_hop
+from visiona_tunnel.httpstream import ExchangeError, HttpResponse, without_hop_by_hop
 
 from .http import (
     REQUEST_ID_HEADER,
@@ -425,7 +425,7 @@ class _Exchange:
                 await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
                 upstream.hooks.response_bytes(len(chunk))
                 timer.response_moved()
-        except ForwardError as exc:
+        except ExchangeError as exc:
             # Too late for another status: leave the response unfinished; once the rest
             # of the request body is drained, hypercorn closes the connection, so the
             # caller sees a short body, never a whole one.

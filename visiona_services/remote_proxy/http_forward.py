@@ -32,7 +32,7 @@ from collections.abc import AsyncIterable
 from contextlib import AbstractAsyncContextManager
 
 from visiona_tunnel import yamux
-from visiona_tunnel.httpstream import ForwardError, HttpResponse
+from visiona_tunnel.httpstream import ExchangeError, HttpResponse
 
 from ..common.http import ApiError, Receive, Scope, Send, send_error
 from ..common.http_forward import ForwardHooks, HttpUpstream, forward_asgi_http
@@ -47,7 +47,7 @@ TUNNEL_TIMEOUT = ApiError(504, "TUNNEL_TIMEOUT", "the device did not answer in t
 
 def _tunnel_failure(exc: Exception) -> ApiError | None:
     """The answer to a tunnel that failed before the response head (or the handshake)."""
-    if isinstance(exc, ForwardError | yamux.StreamReset | yamux.StreamsExhausted):
+    if isinstance(exc, ExchangeError | yamux.StreamReset | yamux.StreamsExhausted):
         return ApiError(502, "TUNNEL_ERROR", "the tunnel failed before the response")
     if isinstance(exc, yamux.SessionClosed):
         return ApiError(502, "TUNNEL_DISCONNECTED", "the device's tunnel is closing")

@@ -104,7 +104,7 @@ class ApiServerVerifier:
                     if len(body) > MAX_RESPONSE_SIZE:
                         raise VerifierUnavailable("the api-server's answer is too large")
                 return response.status, bytes(body)
-        except (trio.BrokenResourceError, OSError) as exc:  # ForwardError included
+        except (trio.BrokenResourceError, OSError) as exc:  # ExchangeError included
             raise VerifierUnavailable(f"the api-server request failed: {exc!r}") from exc
 
 
