@@ -47,7 +47,7 @@ the upload stops reading the caller -- the body ended, the upload failed or was 
 the body. hypercorn's queue of request messages is bounded, and it blocks (inside our
 ``send()``) to report a disconnect when the queue is full: somebody must keep reading. The
 response's end (or the error answer) goes out after the watcher has stopped; the caller of
-:func:`forward_asgi_http` must then drain the rest of the body itself
+:func:`forward_asgi_http` must then discard the rest of the body itself
 (:class:`~.raw_route.RequestBody`: one reader at a time).
 """
 
