@@ -17,9 +17,17 @@ import trio_websocket
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from trio.testing import wait_all_tasks_blocked
-from wsproto import ConnectionType
+from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
-from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    Pong,
+    TextMessage,
+)
+from wsproto.events import Request as WsRequest
 from wsproto.frame_protocol import XorMaskerNull
 
 from visiona_tunnel.trio_websocket_stream import TrioWebSocketStream
@@ -456,6 +464,80 @@ async def test_a_ping_received_during_a_write_is_answered() -> None:
 async def test_a_close_received_during_a_write_is_answered() -> None:
     received = await _control_owed_during_a_write(CloseConnection(code=1000))
     assert any(isinstance(e, CloseConnection) for e in received), received
+
+
+async def test_a_ping_flood_during_a_held_write_owes_one_pong_the_latest() -> None:
+    # An attacker stops reading (our write is held) and floods pings: every pong queued
+    # would grow our memory without bound; the latest one is all RFC 6455 asks for.
+    client, peer = await client_and_raw_server()
+    gated = Gated(client.transport)
+    client.transport = gated
+    received: list[object] = []
+
+    async def peer_reader() -> None:
+        while data := await peer.transport.receive_some():
+            peer.ws.receive_data(bytes(data))
+            received.extend(peer.ws.events())
+
+    async def client_reader() -> None:
+        while await client.receive_some():
+            pass
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(peer_reader)
+            nursery.start_soon(client.send_all, b"payload")  # held in the transport
+            nursery.start_soon(client_reader)
+            await wait_all_tasks_blocked()
+            for batch in range(20):
+                pings = [peer.ws.send(Ping(payload=b"%d-%d" % (batch, n))) for n in range(500)]
+                await peer.transport.send_all(b"".join(pings))
+                await wait_all_tasks_blocked()
+            gated.gate.set()
+            await wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    pongs = [event for event in received if isinstance(event, Pong)]
+    assert pongs == [Pong(payload=b"19-499")]
+
+
+async def test_a_thousand_pings_in_one_read_are_answered_over_tcp() -> None:
+    # Each owed frame was a buffer of its own in one sendmsg: past IOV_MAX (1024) the
+    # kernel refused it (EMSGSIZE) and the connection died.
+    async with trio.open_nursery() as nursery:
+        accepted, incoming = trio.open_memory_channel[WebSocketStream](1)
+
+        async def handler(tcp: trio.SocketStream) -> None:
+            await accepted.send(await accept_websocket_stream(tcp))
+            await trio.sleep_forever()
+
+        async with tcp_server(handler) as port:
+            tcp = await trio.open_tcp_stream("127.0.0.1", port)
+            peer_ws = WSConnection(ConnectionType.CLIENT)
+            await tcp.send_all(peer_ws.send(WsRequest(host="example", target="/")))
+            server = await incoming.receive()
+            nursery.start_soon(server.receive_some)
+            with trio.fail_after(5):
+                events: list[object] = []
+                while not any(isinstance(e, AcceptConnection) for e in events):
+                    peer_ws.receive_data(await tcp.receive_some())
+                    events.extend(peer_ws.events())
+                await tcp.send_all(b"".join(peer_ws.send(Ping(b"%d" % n)) for n in range(1030)))
+                pongs: list[Pong] = []
+                while not pongs:
+                    peer_ws.receive_data(await tcp.receive_some())
+                    pongs = [e for e in peer_ws.events() if isinstance(e, Pong)]
+            assert pongs == [Pong(payload=b"1029")]
+            await server.send_all(b"still up")
+            with trio.fail_after(5):
+                message = b""
+                while not message:
+                    peer_ws.receive_data(await tcp.receive_some())
+                    message = b"".join(
+                        bytes(e.data) for e in peer_ws.events() if isinstance(e, BytesMessage)
+                    )
+            assert message == b"still up"
+            nursery.cancel_scope.cancel()  # the server's reader, before the peer hangs up
+            await tcp.aclose()
 
 
 # -- TrioWebSocketStream (a byte stream over a trio-websocket connection) -----------------

@@ -183,7 +183,10 @@ class WebSocketStream(trio.abc.Stream):
         self.max_message_size = max_message_size
         self._chunks = ChunkBuffer()
         self._message_size = 0
-        self._control: list[bytes] = []  # pongs and close replies owed to the peer
+        # What we owe the peer: the pong to its latest ping (RFC 6455 5.5.3 lets us answer
+        # only the most recent one, so a ping flood costs no memory), and close frames.
+        self._pong: bytes | None = None
+        self._control: list[bytes] = []
         self._writing = False
         self._write_idle: trio.Event | None = None
         self._eof = False
@@ -225,7 +228,7 @@ class WebSocketStream(trio.abc.Stream):
             return
         self._ws.receive_data(data if type(data) is bytes else bytes(data))
         self._handle_events()
-        if self._control and not self._writing:
+        if (self._pong is not None or self._control) and not self._writing:
             await self._flush_control()
 
     async def _flush_control(self) -> None:
@@ -236,7 +239,7 @@ class WebSocketStream(trio.abc.Stream):
             try:
                 await self._write([])
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._control.clear()
+                self._take_owed()
 
     def _handle_events(self) -> None:
         for event in self._ws.events():
@@ -254,7 +257,7 @@ class WebSocketStream(trio.abc.Stream):
                     self._message_size = 0
             elif kind is Ping:
                 assert isinstance(event, Ping)
-                self._control.append(self._ws.send(event.response()))
+                self._pong = self._ws.send(event.response())
             elif kind is CloseConnection:
                 assert isinstance(event, CloseConnection)
                 self.close_code, self.close_reason = event.code, event.reason or ""
@@ -297,6 +300,12 @@ class WebSocketStream(trio.abc.Stream):
                 raise WebSocketClosed(self.close_code or CloseReason.NORMAL_CLOSURE, "closing")
             await self._write(encode_binary_message(data, client=self._client))
 
+    def _take_owed(self) -> list[bytes]:
+        """The control frames owed to the peer, as one buffer (none if nothing is owed)."""
+        owed = self._control if self._pong is None else [self._pong, *self._control]
+        self._pong, self._control = None, []
+        return [b"".join(owed)] if owed else []
+
     async def _write_finished(self) -> None:
         """Wait until no write is in progress (returns at once if none is)."""
         while self._writing:
@@ -307,9 +316,7 @@ class WebSocketStream(trio.abc.Stream):
     async def _write(self, frame: list[bytes | memoryview]) -> None:
         """The one path to the transport, shared with pongs and close replies."""
         await self._write_finished()
-        if self._control:
-            frame = [*self._control, *frame]
-            self._control.clear()
+        frame = [*self._take_owed(), *frame]
         self._writing = True
         try:
             # Pongs and close replies owed while we write go out right after it: the
@@ -320,7 +327,7 @@ class WebSocketStream(trio.abc.Stream):
                 else:
                     data = frame[0] if len(frame) == 1 else b"".join(frame)
                     await self.transport.send_all(data)
-                frame, self._control = list(self._control), []
+                frame = [*self._take_owed()]
         except trio.Cancelled:
             # Part of a frame may be on the wire: the framing is lost for good.
             self._broken(None)
@@ -530,10 +537,14 @@ async def accept_websocket_stream(
     return await request.accept(max_message_size=max_message_size)
 
 
+#: Buffers per ``sendmsg`` call, well under any system's ``IOV_MAX`` (1024 on Linux).
+SENDMSG_MAX_BUFFERS = 64
+
+
 async def _sendmsg_all(sock: trio.socket.SocketType, parts: list[bytes | memoryview]) -> None:
     parts = [part for part in parts if part]
     while parts:
-        sent = await sock.sendmsg(parts)
+        sent = await sock.sendmsg(parts[:SENDMSG_MAX_BUFFERS])
         while parts and sent >= len(parts[0]):
             sent -= len(parts.pop(0))
         if sent:
