@@ -23,12 +23,14 @@ from ipaddress import ip_address
 import trio
 
 from ..common.http import (
+    CLOSE_CONNECTION,
     REQUEST_ID_HEADER,
     AsgiApp,
     Message,
     Receive,
     Scope,
     Send,
+    has_ambiguous_framing,
     header_values,
     log_access,
     request_id_context,
@@ -67,6 +69,7 @@ class ApiMiddleware:
             cors = origin is not None and origin in self.cors_origins
             status: list[int] = []
             start = trio.current_time()
+            closing = has_ambiguous_framing(headers)
 
             async def send_with_headers(message: Message) -> None:
                 if message["type"] in _RESPONSE_STARTS:
@@ -74,6 +77,8 @@ class ApiMiddleware:
                     message["headers"] = self._response_headers(
                         message.get("headers", []), request_id, origin if cors else None
                     )
+                    if closing:
+                        message["headers"].append(CLOSE_CONNECTION)
                 await send(message)
 
             try:

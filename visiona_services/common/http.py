@@ -33,6 +33,7 @@ from werkzeug.datastructures import Headers as WerkzeugHeaders
 from werkzeug.exceptions import HTTPException
 
 __all__ = [
+    "CLOSE_CONNECTION",
     "JSON_CONTENT_TYPE",
     "REQUEST_ID_HEADER",
     "ApiError",
@@ -44,6 +45,7 @@ __all__ = [
     "bearer_matches",
     "current_request_id",
     "error_envelope",
+    "has_ambiguous_framing",
     "header_values",
     "install_json_error_handlers",
     "json_bytes",
@@ -119,6 +121,19 @@ def request_id_header() -> tuple[bytes, bytes]:
 def header_values(headers: Headers, name: bytes) -> list[bytes]:
     """Every value of header ``name`` (lower-case), in order; names compared in any case."""
     return [value for key, value in headers if key.lower() == name]
+
+
+def has_ambiguous_framing(headers: Headers) -> bool:
+    """The request carries both ``Transfer-Encoding`` and ``Content-Length``: its body is
+    chunked and the length is wrong (a broken client, or request smuggling). RFC 9112 6.1:
+    the connection closes after the response (:data:`CLOSE_CONNECTION`)."""
+    names = {name.lower() for name, _ in headers}
+    return b"transfer-encoding" in names and b"content-length" in names
+
+
+#: Added to the response to a request with :func:`has_ambiguous_framing`: the server
+#: (hypercorn's h11) then closes the connection after it instead of reading a next request.
+CLOSE_CONNECTION = (b"connection", b"close")
 
 
 def log_access(

@@ -5,6 +5,7 @@ api-server's forward to the remote-proxy are both :func:`forward_asgi_http`, tol
 the upstream fails.
 
 The caller's request goes upstream with the caller's headers except hop-by-hop ones,
+``Content-Length`` beside ``Transfer-Encoding`` (the body is chunked: the length is wrong),
 ``Host``, ``Authorization``, ``Expect`` (the ASGI server already answered it),
 ``X-Request-ID`` (replaced by this request's id) and the upstream's own
 ``drop_request_headers``. The body is streamed from ASGI ``receive()`` to the upstream and
@@ -71,6 +72,7 @@ from .http import (
     Scope,
     Send,
     current_request_id,
+    has_ambiguous_framing,
     send_api_error,
 )
 
@@ -111,7 +113,10 @@ def forwarded_headers(
     """The caller's headers as the upstream gets them (see the module docstring); names in
     ``drop`` (lower-case) go too. Order and case of the rest are kept."""
     dropped = _DROPPED_REQUEST_HEADERS | drop
-    kept = [(name, value) for name, value in headers if name.lower() not in dropped]
+    items = list(headers)
+    if has_ambiguous_framing(items):  # the body is chunked; its Content-Length is wrong
+        dropped |= {b"content-length"}
+    kept = [(name, value) for name, value in items if name.lower() not in dropped]
     out = without_hop_by_hop(kept)
     if request_id is not None:
         out.append((b"X-Request-ID", request_id.encode()))

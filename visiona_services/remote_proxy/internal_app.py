@@ -55,6 +55,7 @@ from quart_trio import QuartTrio
 from visiona_tunnel.relay import TunnelStats
 
 from ..common.http import (
+    CLOSE_CONNECTION,
     ApiError,
     AsgiApp,
     Message,
@@ -62,6 +63,7 @@ from ..common.http import (
     Scope,
     Send,
     bearer_matches,
+    has_ambiguous_framing,
     install_json_error_handlers,
     json_response,
     log_access,
@@ -185,15 +187,17 @@ class _ResponseWatch(ResponseWatch):
     """:class:`ResponseWatch` that also sets ``X-Request-ID`` on the response head
     (replacing a device's own); its status is the access log's."""
 
-    def __init__(self, send: Send, request_id: str) -> None:
+    def __init__(self, send: Send, request_id: str, *, closing: bool = False) -> None:
         super().__init__(send)
-        self._header = (b"X-Request-ID", request_id.encode())
+        self._headers = [(b"X-Request-ID", request_id.encode())]
+        if closing:  # RFC 9112 6.1 (has_ambiguous_framing)
+            self._headers.append(CLOSE_CONNECTION)
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind in ("http.response.start", "websocket.http.response.start", "websocket.accept"):
             headers = [h for h in message.get("headers", ()) if h[0].lower() != b"x-request-id"]
-            message = {**message, "headers": [*headers, self._header]}
+            message = {**message, "headers": [*headers, *self._headers]}
         await super().send(message)
 
 
@@ -215,7 +219,8 @@ class InternalMiddleware:
             await self.app(scope, receive, send)  # lifespan
             return
         with request_id_context(scope.get("headers", [])) as request_id:
-            watch = _ResponseWatch(send, request_id)
+            closing = has_ambiguous_framing(scope.get("headers", []))
+            watch = _ResponseWatch(send, request_id, closing=closing)
             start = trio.current_time()
             try:
                 try:

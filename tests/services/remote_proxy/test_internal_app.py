@@ -390,6 +390,35 @@ async def test_forward_post_echoes_the_body(proxy: Proxy, agent: PyAgent, chunke
     assert (response.status, response.body == body) == (200, True)
 
 
+async def test_a_request_with_both_framings_is_forwarded_chunked_and_the_connection_closes(
+    proxy: Proxy, agent: PyAgent
+) -> None:
+    # RFC 9112 6.1: Transfer-Encoding wins, and the connection must not be reused; the
+    # pipelined second request is never answered.
+    head = (
+        f"POST {FORWARD}/echo HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {SECRET}\r\n"
+        "transfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n"
+    ).encode()
+    body = b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    second = f"GET /internal/health HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {SECRET}\r\n\r\n"
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method="GET", target="/", headers=[("host", "x")]))  # to expect one
+    events: list[h11.Event] = []
+    with trio.fail_after(TEST_TIMEOUT):
+        stream = await trio.open_tcp_stream("127.0.0.1", proxy.port)
+        async with stream:
+            await stream.send_all(head + body + second.encode())
+            while data := await stream.receive_some():
+                client.receive_data(data)
+                while (event := client.next_event()) not in (h11.NEED_DATA, h11.PAUSED):
+                    events.append(event)
+    responses = [event for event in events if isinstance(event, h11.Response)]
+    assert [response.status_code for response in responses] == [200]
+    assert (b"connection", b"close") in responses[0].headers
+    echoed = b"".join(bytes(event.data) for event in events if isinstance(event, h11.Data))
+    assert echoed == b"hello world"
+
+
 @pytest.mark.parametrize("status", [201, 204, 301, 304, 400, 404, 418, 500, 503])
 async def test_forward_passes_the_status_through(proxy: Proxy, agent: PyAgent, status: int) -> None:
     with trio.fail_after(TEST_TIMEOUT):
