@@ -347,6 +347,9 @@ class _Exchange:
         self.send = send
         #: What the caller got (or was getting when it left).
         self.status = CLIENT_CLOSED
+        #: Every byte of the upstream's response was passed on (a caller that hangs up
+        #: after that has not gone away early: it is done).
+        self.delivered = False
 
     async def run(self) -> int:
         first: Message = await self.receive()
@@ -371,7 +374,7 @@ class _Exchange:
             self.status = await send_api_error(self.send, ending)
         elif ending:
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
-        if caller.disconnected:
+        if caller.disconnected and not self.delivered:
             upstream.logger.info(
                 "caller went away", extra={**upstream.log_extra, "status": self.status}
             )
@@ -438,6 +441,7 @@ class _Exchange:
                 "upstream broke mid-response", extra={**upstream.log_extra, "error": repr(exc)}
             )
             return False
+        self.delivered = True
         # An upload still running ends here: the upstream has answered in full.
         await response.aclose()
         return True

@@ -745,8 +745,9 @@ async def test_the_request_id_appears_once_when_the_device_echoes_it(
 
 
 async def test_caller_leaving_mid_download_resets_the_agent_stream(
-    proxy: Proxy, agent: PyAgent, local: ProxyLocalServer
+    proxy: Proxy, agent: PyAgent, local: ProxyLocalServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="visiona_services.remote_proxy.forward")
     with trio.fail_after(TEST_TIMEOUT):
         status = await hang_up_mid_download(
             proxy.port, f"{FORWARD}/bytes/{1024 * MiB}", headers=[("connection", "close"), AUTH]
@@ -759,6 +760,20 @@ async def test_caller_leaving_mid_download_resets_the_agent_stream(
         response = await call(proxy.port, "GET", f"{FORWARD}/hello")
     assert (response.status, response.body) == (200, b"hello from local-1")
     assert proxy.state.metrics.value("visiona_forward_requests_total", status="200") >= 1
+    gone = [record for record in caplog.records if record.getMessage() == "caller went away"]
+    assert len(gone) == 1  # the download left early; the GET that got its answer did not
+
+
+async def test_a_caller_that_hangs_up_after_its_answer_has_not_gone_away(
+    proxy: Proxy, agent: PyAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="visiona_services.remote_proxy.forward")
+    with trio.fail_after(TEST_TIMEOUT):
+        for _ in range(20):
+            response = await call(proxy.port, "GET", f"{FORWARD}/hello")
+            assert response.status == 200
+        await proxy.state.inflight.wait_idle()
+    assert not [record for record in caplog.records if record.getMessage() == "caller went away"]
 
 
 async def test_draining_refuses_new_forwards_and_waits_for_running_ones(
