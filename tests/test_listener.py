@@ -22,8 +22,14 @@ from visiona_tunnel import (
     admit_with,
     serve_tunnel_listener,
 )
+from visiona_tunnel.limits import AttemptLimit
 from visiona_tunnel.listener import Admit
-from visiona_tunnel.wsconn import WebSocketRejected, connect_websocket_stream
+from visiona_tunnel.wsconn import (
+    WebSocketRejected,
+    WebSocketStream,
+    client_handshake,
+    connect_websocket_stream,
+)
 
 TIMEOUT = 10.0
 
@@ -168,3 +174,108 @@ async def test_a_malformed_request_gets_400_and_the_connection_ends() -> None:
 def test_a_token_verifier_is_the_readme_s_admit() -> None:
     verify: TokenVerifier = anyone
     assert callable(admit_with(verify))
+
+
+# -- bounds against hostile peers ---------------------------------------------------------------
+
+
+async def dial_from(source: str, port: int, target: str) -> WebSocketRejected | WebSocketStream:
+    """A WebSocket upgrade to 127.0.0.1:``port`` from the loopback address ``source``."""
+    sock = trio.socket.socket()
+    await sock.bind((source, 0))
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    try:
+        return await client_handshake(stream, "127.0.0.1", target)
+    except WebSocketRejected as rejected:
+        await stream.aclose()
+        return rejected
+
+
+async def test_refused_attempts_past_the_limit_get_429_before_the_verifier_is_asked() -> None:
+    asked: list[str] = []
+
+    async def verify(token: str) -> str | None:
+        asked.append(token)
+        await trio.lowlevel.checkpoint()
+        return "device" if token == "good" else None
+
+    limit = AttemptLimit(burst=3, per_minute=1.0)
+    async with listening(admit_with(verify), attempt_limit=limit) as port:
+        with trio.fail_after(TIMEOUT):
+            answers = [
+                await dial_from("127.0.0.1", port, "/tunnel/connect?token=bad") for _ in range(3)
+            ]
+            assert [a.status_code for a in answers if isinstance(a, WebSocketRejected)] == [401] * 3
+            over = await dial_from("127.0.0.1", port, "/tunnel/connect?token=good")
+            assert isinstance(over, WebSocketRejected) and over.status_code == 429
+            retry_after = int(dict(over.headers)[b"retry-after"])
+            assert 1 <= retry_after <= 60
+            assert asked == ["bad"] * 3  # the guess over the limit never reached it
+            # Another address is not held back.
+            elsewhere = await dial_from("127.0.0.2", port, "/tunnel/connect?token=good")
+            assert isinstance(elsewhere, WebSocketStream)
+            await elsewhere.aclose()
+
+
+async def test_connections_over_the_handshake_caps_get_503_at_once() -> None:
+    async with listening(
+        admit_with(anyone), max_handshakes=3, max_handshakes_per_address=2
+    ) as port:
+        with trio.fail_after(TIMEOUT):
+            idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+            # A third from the same address: answered 503 without a request being read.
+            third = await trio.open_tcp_stream("127.0.0.1", port)
+            answer = b""
+            while chunk := await third.receive_some():
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 5" in answer
+            # Another address gets the last place; the cap in all then turns away a fourth.
+            other = await dial_from("127.0.0.2", port, "/elsewhere")
+            assert isinstance(other, WebSocketRejected) and other.status_code == 404
+            for stream in idle:
+                await stream.aclose()
+            await third.aclose()
+
+
+async def test_a_new_device_over_the_tunnel_cap_gets_503_and_a_known_one_reconnects() -> None:
+    async def by_token(token: str) -> str | None:
+        await trio.lowlevel.checkpoint()
+        return token
+
+    registry = TunnelRegistry()
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(
+            serve_tunnel_listener,
+            registry,
+            admit_with(by_token),
+            host="127.0.0.1",
+            port=0,
+            max_tunnels=1,
+        )
+        urls: list[str] = await nursery.start(serve)
+        url = f"{urls[0]}/tunnel/connect"
+        with trio.fail_after(TIMEOUT):
+            first = await connect_websocket_stream(f"{url}?token=device-1")
+            await registry.wait_for("device-1")
+            with pytest.raises(WebSocketRejected) as full:
+                await connect_websocket_stream(f"{url}?token=device-2")
+            assert full.value.status_code == 503
+            again = await connect_websocket_stream(f"{url}?token=device-1")  # replaces it
+            await again.aclose()
+            await first.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_every_refused_upgrade_is_told_to_on_refusal() -> None:
+    told: list[int] = []
+
+    def on_refusal(request: ListenerRequest, refusal: Refusal) -> None:
+        told.append(refusal.status)
+
+    async def nobody(token: str) -> str | None:
+        await trio.lowlevel.checkpoint()
+        return None
+
+    await refuse_upgrade(admit_with(nobody), "/tunnel/connect?token=x", on_refusal=on_refusal)
+    assert told == [401]

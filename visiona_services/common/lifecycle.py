@@ -1,10 +1,13 @@
 """Running a service process: until SIGINT or SIGTERM, then stopping it gracefully; a
-listening address that cannot be bound is one line and exit code 1, not a traceback."""
+listening address that cannot be bound is one line and exit code 1, not a traceback. The
+process may use as many file descriptors as its hard limit allows (connections are bounded
+by the services themselves, not by a soft limit of 1024)."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import resource
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -17,6 +20,7 @@ __all__ = [
     "Stoppable",
     "cannot_listen",
     "fail",
+    "raise_descriptor_limit",
     "run_service",
     "serve_until_signal",
 ]
@@ -43,12 +47,28 @@ def run_service(
     prog: str, serve: Callable[..., Awaitable[Any]], config: object, logger: logging.Logger
 ) -> int:
     """:func:`serve_until_signal` in a new trio run; the process's exit code."""
+    raise_descriptor_limit(logger)
     failure: str | None = None
     try:
         trio.run(serve_until_signal, serve, config, logger)
     except* CannotListen as group:
         failure = str(_first(group))
     return fail(prog, failure, 1) if failure else 0
+
+
+def raise_descriptor_limit(logger: logging.Logger) -> int:
+    """Raise ``RLIMIT_NOFILE``'s soft limit to the hard one (as Go programs do at start);
+    the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the descriptor limit", extra={"error": str(exc)})
+            return soft
+        soft = hard
+    logger.info("file descriptors", extra={"limit": soft})
+    return soft
 
 
 def _first(group: BaseExceptionGroup[CannotListen]) -> CannotListen:

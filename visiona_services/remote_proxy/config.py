@@ -10,7 +10,16 @@ from collections.abc import Mapping
 
 import attrs
 
-from ..common.envconfig import LOG_LEVELS, ConfigError, env, load, one_of, port, positive
+from ..common.envconfig import (
+    LOG_LEVELS,
+    ConfigError,
+    at_least,
+    env,
+    load,
+    one_of,
+    port,
+    positive,
+)
 from ..common.internal_url import InternalUrl
 
 logger = logging.getLogger("visiona_services.remote_proxy")
@@ -64,6 +73,48 @@ class ProxyConfig:
     tunnel_tls_key: str = attrs.field(
         default="",
         metadata=env("VISIONA_TUNNEL_TLS_KEY", "PEM private key of VISIONA_TUNNEL_TLS_CERT"),
+    )
+    #: Bounds against hostile peers (docs/remote-proxy.md, "Limits and abuse").
+    tunnel_max_handshakes: int = attrs.field(
+        default=256,
+        validator=at_least(1),
+        metadata=env(
+            "VISIONA_TUNNEL_MAX_HANDSHAKES",
+            "connections to the tunnel listener still in their handshake; more get 503",
+        ),
+    )
+    tunnel_max_handshakes_per_address: int = attrs.field(
+        default=16,
+        validator=at_least(1),
+        metadata=env(
+            "VISIONA_TUNNEL_MAX_HANDSHAKES_PER_ADDRESS",
+            "the same, per client address (an IPv6 /64 counts as one)",
+        ),
+    )
+    tunnel_max_tunnels: int = attrs.field(
+        default=0,
+        validator=at_least(0),
+        metadata=env(
+            "VISIONA_TUNNEL_MAX_TUNNELS",
+            "live tunnels at most (a new device over it gets 503); 0: as many as the "
+            "process's file descriptor limit leaves room for",
+        ),
+    )
+    tunnel_auth_failures_burst: int = attrs.field(
+        default=10,
+        validator=at_least(1),
+        metadata=env(
+            "VISIONA_TUNNEL_AUTH_FAILURES_BURST",
+            "refused tokens per client address before it gets 429 (then at the rate below)",
+        ),
+    )
+    tunnel_auth_failures_per_minute: float = attrs.field(
+        default=30.0,
+        validator=positive,
+        metadata=env(
+            "VISIONA_TUNNEL_AUTH_FAILURES_PER_MINUTE",
+            "refused tokens per client address and minute, after the burst",
+        ),
     )
     internal_host: str = attrs.field(
         default="127.0.0.1",

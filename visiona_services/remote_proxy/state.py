@@ -6,6 +6,7 @@ import attrs
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from visiona_tunnel.limits import EveryInterval
 from visiona_tunnel.relay import Tunnel, TunnelDown, TunnelEvent, TunnelRegistry, TunnelUp
 
 from ..common.inflight import InFlight
@@ -54,6 +55,7 @@ class ProxyMetrics:
     replacements: Counter
     disconnects: Counter
     auth_failures: Counter
+    refusals: Counter  # labels: status, code
     forwards: Counter  # labels: status
     forward_seconds: Histogram
     forward_request_bytes: Counter  # request bodies sent to agents
@@ -91,6 +93,12 @@ class ProxyMetrics:
             disconnects=series.counter("visiona_tunnel_disconnects_total", "Tunnels ended."),
             auth_failures=series.counter(
                 "visiona_tunnel_auth_failures_total", "Tunnel upgrades refused for the token."
+            ),
+            refusals=series.counter(
+                "visiona_tunnel_refusals_total",
+                "Tunnel upgrades refused, by status and code (401 UNAUTHORIZED, 429 "
+                "TOO_MANY_ATTEMPTS, 503 DRAINING / AUTH_UNAVAILABLE / AT_CAPACITY, 400 ...).",
+                ["status", "code"],
             ),
             forwards=series.counter(
                 "visiona_forward_requests_total", "Forwarded requests by status.", ["status"]
@@ -148,6 +156,10 @@ class ProxyState:
     #: How many event lines a subscriber may have waiting before it is disconnected
     #: (set in code only: tests make it small).
     events_buffer: int = 1000
+    #: Refused upgrades and failing token checks are logged at most every 10 s, with a
+    #: count: an attacker must not be able to fill the log.
+    refusals_log: EveryInterval = attrs.field(factory=EveryInterval)
+    verifier_failures_log: EveryInterval = attrs.field(factory=EveryInterval)
 
     @classmethod
     def create(cls, config: ProxyConfig) -> ProxyState:

@@ -22,11 +22,13 @@ never logged.
 from __future__ import annotations
 
 import contextlib
+import logging
 import ssl
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import trio
 
+from visiona_tunnel.limits import AttemptLimit
 from visiona_tunnel.listener import (
     TCP_USER_TIMEOUT,
     Answer,
@@ -45,6 +47,8 @@ from ..common.http import (
 )
 from .state import ProxyState
 from .verify import TokenVerifier, admit
+
+logger = logging.getLogger("visiona_services.remote_proxy.tunnel")
 
 __all__ = [
     "GRACEFUL_TIMEOUT",
@@ -109,6 +113,20 @@ async def serve_tunnels(
             state, verifier, request.token, timeout=verify_timeout, remote=request.remote
         )
 
+    def on_refusal(request: ListenerRequest, refusal: Refusal) -> None:
+        state.metrics.refusals.labels(status=str(refusal.status), code=refusal.code).inc()
+        if count := state.refusals_log.due(trio.current_time()):
+            logger.info(
+                "tunnel upgrades refused",
+                extra={"count": count, "last": refusal.code, "remote": request.remote},
+            )
+
+    config = state.config
+    attempts = AttemptLimit(
+        burst=config.tunnel_auth_failures_burst,
+        per_minute=config.tunnel_auth_failures_per_minute,
+    )
+
     await serve_tunnel_listener(
         state.tunnels,
         admit_tunnel,
@@ -119,6 +137,11 @@ async def serve_tunnels(
         render=render,
         request_scope=request_scope,
         max_message_size=TUNNEL_MAX_MESSAGE_SIZE,
+        max_handshakes=config.tunnel_max_handshakes,
+        max_handshakes_per_address=config.tunnel_max_handshakes_per_address,
+        max_tunnels=config.tunnel_max_tunnels or None,
+        attempt_limit=attempts,
+        on_refusal=on_refusal,
         # Its own verify timeout answers first (and logs why).
         admit_timeout=verify_timeout + 1,
         shutdown_trigger=shutdown_trigger,

@@ -166,16 +166,14 @@ async def admit(
             with trio.fail_after(timeout):
                 device = await verifier(token)
         except (VerifierUnavailable, trio.TooSlowError) as exc:
-            logger.warning(
-                "tunnel refused: token check unavailable",
-                extra={"remote": remote, "error": str(exc) or "timed out"},
-            )
+            if count := state.verifier_failures_log.due(trio.current_time()):
+                logger.warning(
+                    "token checks unavailable",
+                    extra={"remote": remote, "error": str(exc) or "timed out", "count": count},
+                )
             return AUTH_UNAVAILABLE
     if device is None:
-        state.metrics.auth_failures.inc()
-        logger.info(
-            "tunnel refused: %s token", "unknown" if token else "missing", extra={"remote": remote}
-        )
+        state.metrics.auth_failures.inc()  # logged with the other refusals, at a rate
         return UNAUTHORIZED
     if state.draining.is_set():  # it may have begun while we verified
         return DRAINING
