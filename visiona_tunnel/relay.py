@@ -39,12 +39,17 @@ class TunnelTransport(Protocol):
 
 
 class _CountingStream(trio.abc.Stream):
-    """Counts the bytes a tunnel moves each way."""
+    """Counts the bytes a tunnel moves each way, and closes the WebSocket with the code the
+    tunnel ends with (:meth:`Tunnel.close`'s, or one for why its session ended)."""
 
     def __init__(self, inner: TunnelTransport) -> None:
         self.inner = inner
         self.bytes_in = 0
         self.bytes_out = 0
+        self.session: yamux.Session | None = None
+        #: Set by :meth:`Tunnel.close`; else :func:`close_code_of` the session's end.
+        self.close_code: int | None = None
+        self.close_reason = ""
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
@@ -59,7 +64,20 @@ class _CountingStream(trio.abc.Stream):
         return data
 
     async def aclose(self) -> None:
-        await self.inner.aclose()
+        code, reason = self.close_code, self.close_reason
+        if code is None:
+            code, reason = close_code_of(
+                None if self.session is None else self.session.close_reason
+            )
+        await self.inner.aclose(code, reason)
+
+
+def close_code_of(reason: BaseException | None) -> tuple[int, str]:
+    """The WebSocket close code a tunnel whose session ended for ``reason`` is closed with:
+    1002 after a protocol error (its GoAway(1) went first), else 1000."""
+    if isinstance(reason, yamux.ProtocolError):
+        return 1002, "yamux protocol error"
+    return 1000, ""
 
 
 @attrs.frozen
@@ -137,11 +155,11 @@ class Tunnel:
         return await self.session.ping()
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
-        """GoAway, then close the WebSocket with ``code`` (the agent sees it)."""
-        if not self.session.is_closed:
-            with contextlib.suppress(yamux.SessionClosed):
-                await self.session.go_away()
-        await self._ws.aclose(code, reason)
+        """End the tunnel: GoAway(0), then the WebSocket close frame with ``code``, then the
+        TCP close, in that order on the wire (bounded; see ``Session.aclose``)."""
+        if self._counter.close_code is None and not self.session.is_closed:
+            self._counter.close_code, self._counter.close_reason = code, reason
+        await self.session.aclose()
 
 
 @attrs.frozen
@@ -216,6 +234,7 @@ class TunnelRegistry:
         """Run the tunnel of ``key`` over ``ws`` until it ends (or is replaced)."""
         counter = _CountingStream(ws)
         async with yamux.open_session(counter, client=False, config=self.config) as session:
+            counter.session = session
             tunnel = Tunnel(key, session, ws, counter, remote_address)
             previous = self._tunnels.get(key)
             self._tunnels[key] = tunnel
@@ -233,7 +252,6 @@ class TunnelRegistry:
             finally:
                 if self._tunnels.get(key) is tunnel:
                     del self._tunnels[key]
-                await ws.aclose()
         reason = session.close_reason
         self._notify(TunnelDown(key, tunnel, reason, tunnel.replaced))
         logger.info(
@@ -270,4 +288,5 @@ __all__ = [
     "TunnelStats",
     "TunnelUp",
     "VerifierUnavailable",
+    "close_code_of",
 ]

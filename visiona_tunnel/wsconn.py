@@ -260,6 +260,11 @@ class WebSocketStream(trio.abc.Stream):
                 self._pong = self._ws.send(event.response())
             elif kind is CloseConnection:
                 assert isinstance(event, CloseConnection)
+                if self._ws.state is ConnectionState.OPEN:
+                    # Not the peer's close: wsproto could not parse its frames (1002,
+                    # 1007 ...). We say so with our own close frame.
+                    self._fail(event.code, event.reason or "protocol error")
+                    return
                 self.close_code, self.close_reason = event.code, event.reason or ""
                 if self._ws.state is ConnectionState.REMOTE_CLOSING:
                     self._control.append(self._ws.send(event.response()))

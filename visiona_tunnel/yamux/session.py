@@ -107,6 +107,8 @@ class Session:
         self._incoming: dict[int, Stream] = {}
         self._close_reason: SessionClosed | None = None
         self._writer = FrameWriter(transport, self._conn, self._after_write)
+        #: Set once the writer has flushed and closed the transport.
+        self._transport_closed = trio.Event()
         self._control_drained: trio.Event | None = None
         self._accept_waiter: trio.Event | None = None
         self._open_waiter: trio.Event | None = None
@@ -229,15 +231,19 @@ class Session:
         self._wake_writer()
 
     async def aclose(self) -> None:
-        """Flush queued frames, send GoAway, close the transport. Idempotent."""
+        """Send GoAway, flush what is queued, close the transport (gracefully: a WebSocket
+        transport sends its close frame), all within ``connection_write_timeout``; then, or
+        when cancelled, the transport is closed forcefully. Idempotent; any task may call
+        it."""
         if self._close_reason is None:
             self._conn.go_away()
             self._terminate(SessionEnded("the session was closed by this side"))
         try:
             with trio.move_on_after(self.config.connection_write_timeout):
-                await self._writer.done.wait()
+                await self._transport_closed.wait()
         finally:
-            await trio.aclose_forcefully(self._transport)
+            if not self._transport_closed.is_set():
+                await trio.aclose_forcefully(self._transport)
 
     # -- used by Stream -------------------------------------------------------------------
 
@@ -416,10 +422,20 @@ class Session:
                         self._wake_open_waiter()
 
     async def _run_writer(self) -> None:
-        failure = await self._writer.run()
-        if failure is not None:
-            self._terminate(failure)
-        await trio.aclose_forcefully(self._transport)
+        """The writer task; once the session has ended and its last frames (a GoAway) are
+        out, it closes the transport -- gracefully and bounded, so that the transport's own
+        goodbye (a WebSocket close frame) follows them."""
+        try:
+            failure = await self._writer.run()
+            if failure is not None:
+                self._terminate(failure)
+        finally:
+            try:
+                with trio.move_on_after(self.config.connection_write_timeout):
+                    # Closed even if cut short or cancelled (trio's contract for aclose).
+                    await self._transport.aclose()
+            finally:
+                self._transport_closed.set()
 
     def _add_timer(self, delay: float, kind: int, stream_id: int) -> None:
         timers = self._timers
