@@ -17,7 +17,9 @@ Every party is its own process, everything on 127.0.0.1:
   trio + h11, keep-alive): ``GET /small`` (100-byte body, Content-Length),
   ``GET /bytes/N`` (N bytes with Content-Length, written in 256 KiB chunks) and
   ``POST /sink`` (reads the body, answers its length as text).
-* **agent**: ``python -m visiona_tunnel.agent`` (py-agent) or the Go ``goagent`` (go-agent).
+* **agent**: ``python -m visiona_tunnel.agent`` (py-agent) or the Go ``goagent``: with
+  64 KiB WebSocket buffers (go-agent), or with gorilla's default 4 KiB ones like the seed's
+  agent (seed-agent: every message over 4 KiB goes out as 4 KiB frames).
 * **relay**: this module's ``--role pyrelay`` (``serve_tunnel_listener`` + ``TunnelRegistry``)
   or the Go ``gorelay``.
 * **proxy**: the remote-proxy service, ``python -m visiona_services.remote_proxy``, configured
@@ -164,14 +166,19 @@ CHAINS = (
     "proxy+go-agent",
     "api+py-agent",
     "api+go-agent",
+    "proxy+seed-agent",
+    "go-relay+seed-agent",
+    "py-relay+seed-agent",
 )
 #: ``--chains`` names for lists of chains.
 PRESETS: dict[str, tuple[str, ...]] = {
     "all": CHAINS,
     "api": ("direct", "proxy+py-agent", "api+py-agent", "proxy+go-agent", "api+go-agent"),
+    # The agents in the field: the seed's, gorilla's 4 KiB buffers (issue 14).
+    "seed": ("go-relay+seed-agent", "proxy+seed-agent", "go-relay+go-agent", "proxy+go-agent"),
 }
 WORKLOADS = ("small", "download", "upload")
-BASELINES = ("direct", "go-relay+go-agent")
+BASELINES = ("direct", "go-relay+go-agent", "go-relay+seed-agent")
 TOKEN = "bench-token"
 #: The load's environment variable with the remote-proxy's internal secret (proxy chains).
 BEARER_ENV = "TUNNEL_HTTP_BEARER"
@@ -1075,8 +1082,11 @@ def _agent_cmd(
     kind: str, binaries: Any, relay_url: str, local_port: int, token: str = TOKEN
 ) -> list[str]:
     local = f"{HOST}:{local_port}"
-    if kind == "go-agent":
-        return [str(binaries.agent), "-relay-url", relay_url, "-token", token, "-local", local]
+    if kind in ("go-agent", "seed-agent"):
+        # seed-agent: gorilla's default 4 KiB buffers, as the seed's agent; go-agent: 64 KiB.
+        buffers = ["-ws-buffer", str(64 * KiB)] if kind == "go-agent" else []
+        go = [str(binaries.agent), "-relay-url", relay_url, "-token", token, "-local", local]
+        return [*go, *buffers]
     return [
         sys.executable,
         "-m",

@@ -28,13 +28,10 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.events import Request as WsRequest
-from wsproto.frame_protocol import XorMaskerNull
 
 from visiona_tunnel.trio_websocket_stream import TrioWebSocketStream
 from visiona_tunnel.wsconn import (
     CLOSE_REPLACED,
-    FAST_MASKING,
-    FastMasker,
     WebSocketClosed,
     WebSocketRejected,
     WebSocketStream,
@@ -354,36 +351,6 @@ def test_our_binary_frames_are_the_bytes_wsproto_would_send(payload: bytes, key:
             expected = connection.send(BytesMessage(data=payload))
         ours = encode_binary_message(payload, client=client, masking_key=key)
         assert b"".join(ours) == bytes(expected)
-
-
-@given(data=st.lists(st.binary(max_size=50), max_size=8), key=st.binary(min_size=4, max_size=4))
-def test_the_fast_masker_unmasks_split_payloads_like_wsproto(data: list[bytes], key: bytes) -> None:
-    fast = FastMasker(key)
-    reference_key = bytearray(key)
-    reference = b""
-    for piece in data:  # the reference: XOR with the key, continuing across pieces
-        reference += bytes(b ^ reference_key[(len(reference) + i) % 4] for i, b in enumerate(piece))
-    assert b"".join(bytes(fast.process(bytearray(piece))) for piece in data) == reference
-    assert XorMaskerNull().process(bytearray(b"abc")) == b"abc"
-
-
-async def test_a_server_stream_unmasks_in_c_without_changing_wsproto() -> None:
-    from wsproto import frame_protocol
-
-    original = frame_protocol.XorMaskerSimple
-    unmasked: list[int] = []
-    process = FastMasker.process
-
-    def counting(masker: FastMasker, data: bytes | bytearray) -> bytes:
-        unmasked.append(len(data))
-        return process(masker, data)
-
-    client, server = await memory_pair()
-    with unittest.mock.patch.object(FastMasker, "process", counting):
-        await client.send_all(b"masked by the client")
-        assert await server.receive_some() == b"masked by the client"
-    assert (unmasked == [20]) is FAST_MASKING
-    assert frame_protocol.XorMaskerSimple is original
 
 
 def test_importing_the_library_has_no_side_effects() -> None:

@@ -42,6 +42,7 @@ from wsproto.utilities import RemoteProtocolError
 
 from .chunks import ChunkBuffer, checked_max_bytes
 from .conflict import ConflictDetector
+from .wsframes import FrameReader
 
 #: Close code a relay uses when a newer tunnel for the same device replaces this one.
 CLOSE_REPLACED = 4001
@@ -73,41 +74,16 @@ def _apply_mask(data: bytes | bytearray | memoryview, mask: bytes | bytearray) -
     return bytes(frame_protocol.XorMaskerSimple(mask).process(bytearray(data)))
 
 
-class FastMasker:
-    """wsproto's masker interface (``process``, continuing one frame's key across calls),
-    in C."""
-
-    def __init__(self, masking_key: bytes | bytearray) -> None:
-        self._key = bytes(masking_key)
-
-    def process(self, data: bytes | bytearray) -> bytes:
-        if not data:
-            return bytes(data)
-        masked = _apply_mask(data, self._key)
-        # The next call continues the same frame: rotate the key to where we stopped.
-        shift = len(data) % 4
-        if shift:
-            self._key = self._key[shift:] + self._key[:shift]
-        return masked
-
-
-class _FastUnmaskingDecoder(frame_protocol.FrameDecoder):
-    """wsproto's frame decoder, unmasking what a client sends with :class:`FastMasker`:
-    a relay receives every tunnel byte masked, and unmasking was its largest CPU cost."""
-
-    def parse_header(self) -> bool:
-        parsed = super().parse_header()
-        if parsed and isinstance(self.masker, frame_protocol.XorMaskerSimple):
-            self.masker = FastMasker(self.masker._masking_key)  # type: ignore[assignment]
-        return parsed
-
-
-def _unmask_fast(connection: Connection) -> None:
-    """Give ``connection`` (ours alone: nothing process-wide changes) the fast decoder.
-    Its decoder's state is kept (the handshake's read may have fed it a frame already)."""
-    decoder = connection._proto._frame_decoder
-    if FAST_MASKING and type(decoder) is frame_protocol.FrameDecoder:
-        decoder.__class__ = _FastUnmaskingDecoder
+def _buffered_frames(connection: Connection) -> bytes:
+    """The bytes that came after the handshake in the same read, which wsproto's
+    ``Connection`` holds unparsed (it parses only when asked for events, and has not been):
+    :class:`~visiona_tunnel.wsframes.FrameReader` reads from here on."""
+    buffer = connection._proto._frame_decoder.buffer
+    assert connection._proto._frame_decoder.header is None  # nothing parsed yet
+    data = bytes(buffer.buffer[buffer.bytes_used :])
+    buffer.buffer.clear()
+    buffer.bytes_used = 0
+    return data
 
 
 _BINARY_FIN = 0x80 | 0x2  # FIN, no RSV bits, opcode 2 (binary)
@@ -175,9 +151,11 @@ class WebSocketStream(trio.abc.Stream):
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self.transport = transport
-        self._ws = connection
+        self._ws = connection  # the handshake's, and what we send
         self._client = connection.client
-        _unmask_fast(connection)
+        # What we receive: wsproto's rules, faster (4 KiB frames from gorilla's agents).
+        self._frames = FrameReader(client=connection.client, apply_mask=_apply_mask)
+        self._frames.receive_data(_buffered_frames(connection))
         # On TCP, header and payload go out with one sendmsg, without joining them.
         self._socket = transport.socket if isinstance(transport, trio.SocketStream) else None
         self.max_message_size = max_message_size
@@ -226,7 +204,7 @@ class WebSocketStream(trio.abc.Stream):
         if not data:
             self._broken(None)
             return
-        self._ws.receive_data(data if type(data) is bytes else bytes(data))
+        self._frames.receive_data(data)
         self._handle_events()
         if (self._pong is not None or self._control) and not self._writing:
             await self._flush_control()
@@ -242,7 +220,7 @@ class WebSocketStream(trio.abc.Stream):
                 self._take_owed()
 
     def _handle_events(self) -> None:
-        for event in self._ws.events():
+        for event in self._frames.events():
             kind = type(event)
             if kind is BytesMessage:
                 assert isinstance(event, BytesMessage)
@@ -260,13 +238,13 @@ class WebSocketStream(trio.abc.Stream):
                 self._pong = self._ws.send(event.response())
             elif kind is CloseConnection:
                 assert isinstance(event, CloseConnection)
-                if self._ws.state is ConnectionState.OPEN:
-                    # Not the peer's close: wsproto could not parse its frames (1002,
-                    # 1007 ...). We say so with our own close frame.
+                if self._frames.failure is not None:
+                    # Not the peer's close: its frames do not parse (1002, 1007 ...). We
+                    # say so with our own close frame.
                     self._fail(event.code, event.reason or "protocol error")
                     return
                 self.close_code, self.close_reason = event.code, event.reason or ""
-                if self._ws.state is ConnectionState.REMOTE_CLOSING:
+                if self._ws.state is ConnectionState.OPEN:  # the reply, unless we closed first
                     self._control.append(self._ws.send(event.response()))
                 if event.code in EOF_CLOSE_CODES:
                     self._eof = True
@@ -565,7 +543,6 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "EOF_CLOSE_CODES",
     "FAST_MASKING",
-    "FastMasker",
     "WebSocketClosed",
     "WebSocketRejected",
     "WebSocketRequest",

@@ -89,6 +89,7 @@ type agent struct {
 	local       string
 	backoffBase time.Duration
 	backoffCap  time.Duration
+	wsBuffer    int
 	transport   *http.Transport
 }
 
@@ -99,6 +100,9 @@ func main() {
 	flag.StringVar(&a.local, "local", "", "local server HOST:PORT")
 	flag.DurationVar(&a.backoffBase, "backoff-base", time.Second, "first retry delay")
 	flag.DurationVar(&a.backoffCap, "backoff-cap", 30*time.Second, "largest retry delay")
+	// 0: gorilla's defaults (4 KiB), as the seed's agent (websocket.DefaultDialer): every
+	// message larger than that is sent as 4 KiB frames.
+	flag.IntVar(&a.wsBuffer, "ws-buffer", 0, "WebSocket read and write buffer size (0: gorilla's 4 KiB)")
 	flag.Parse()
 	if a.relayURL == "" || a.local == "" || a.backoffBase <= 0 || a.backoffCap < a.backoffBase {
 		flag.Usage()
@@ -181,8 +185,8 @@ func (a *agent) connect(ctx context.Context) (up bool, err error) {
 	dialer := websocket.Dialer{
 		Proxy:            nil,
 		HandshakeTimeout: 10 * time.Second,
-		ReadBufferSize:   wsconn.BufferSize,
-		WriteBufferSize:  wsconn.BufferSize,
+		ReadBufferSize:   a.wsBuffer,
+		WriteBufferSize:  a.wsBuffer,
 	}
 	logger.Printf("dialing %s", u.Host)
 	ws, resp, err := dialer.DialContext(ctx, u.String(), nil)

@@ -18,7 +18,8 @@ import (
 	"github.com/gorilla/websocket"
 )
 
-// BufferSize is the read and write buffer size used for tunnel WebSockets.
+// BufferSize is the read and write buffer size of the relay's tunnel WebSockets
+// (the agent's is its -ws-buffer flag: gorilla's 4 KiB by default).
 const BufferSize = 64 << 10
 
 // Conn is a net.Conn over a *websocket.Conn.
@@ -99,7 +100,8 @@ func (c *Conn) ReadErr() error {
 }
 
 // Write sends p as one binary message. gorilla sends it as one frame from a
-// server; from a client it is fragmented into frames of BufferSize bytes.
+// server; from a client it is fragmented into frames of its write buffer's size
+// (4 KiB with gorilla's defaults, the seed agent's).
 func (c *Conn) Write(p []byte) (int, error) {
 	c.writeMu.Lock()
 	defer c.writeMu.Unlock()
