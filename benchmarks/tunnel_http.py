@@ -1401,7 +1401,7 @@ def _orchestrate(args: argparse.Namespace) -> int:
         print(f"unknown chain/workload: {unknown}; chains: {', '.join(CHAINS)}", file=sys.stderr)
         return 2
     binaries = None
-    if any("go-" in chain for chain in chains):
+    if any("go-" in chain or "seed-" in chain for chain in chains):
         # Imported by name: mypy checks tests/ as its own root (and would meet gobuild.py
         # under two module names), and resolves tests.interop.tunnelpeers to the Go sources.
         gobuild = importlib.import_module("tests.interop.gobuild")
