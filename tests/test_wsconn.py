@@ -388,54 +388,10 @@ class Gated(trio.abc.Stream):
         await self.inner.aclose()
 
 
-async def _control_owed_during_a_write(event: Ping | CloseConnection) -> list[object]:
-    """The peer sends ``event`` while our send_all is in the middle of a write; the write
-    then completes and nothing else is sent. Returns every event the peer receives."""
-    client, peer = await client_and_raw_server()
-    gated = Gated(client.transport)
-    client.transport = gated
-    received: list[object] = []
-
-    async def peer_reader() -> None:
-        while True:
-            data = await peer.transport.receive_some()
-            if not data:
-                return
-            peer.ws.receive_data(bytes(data))
-            received.extend(peer.ws.events())
-
-    async def client_reader() -> None:
-        while await client.receive_some():
-            pass
-
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(peer_reader)
-            nursery.start_soon(client.send_all, b"payload")  # held in the transport
-            await wait_all_tasks_blocked()
-            await peer.send(event)
-            nursery.start_soon(client_reader)  # reads the ping/close while the write is busy
-            await wait_all_tasks_blocked()
-            gated.gate.set()  # the write completes
-            await wait_all_tasks_blocked()
-            nursery.cancel_scope.cancel()
-    assert any(isinstance(e, BytesMessage) for e in received)  # the write did complete
-    return received
-
-
-async def test_a_ping_received_during_a_write_is_answered() -> None:
-    received = await _control_owed_during_a_write(Ping(payload=b"are you there"))
-    assert Pong(payload=b"are you there") in received, received
-
-
-async def test_a_close_received_during_a_write_is_answered() -> None:
-    received = await _control_owed_during_a_write(CloseConnection(code=1000))
-    assert any(isinstance(e, CloseConnection) for e in received), received
-
-
-async def test_a_ping_flood_during_a_held_write_owes_one_pong_the_latest() -> None:
-    # An attacker stops reading (our write is held) and floods pings: every pong queued
-    # would grow our memory without bound; the latest one is all RFC 6455 asks for.
+async def _while_a_write_is_held(batches: list[bytes]) -> list[object]:
+    """The peer sends each of ``batches`` while our send_all is in the middle of a write
+    (our reader reading them as they come); the write then completes. Returns every event
+    the peer receives."""
     client, peer = await client_and_raw_server()
     gated = Gated(client.transport)
     client.transport = gated
@@ -454,15 +410,44 @@ async def test_a_ping_flood_during_a_held_write_owes_one_pong_the_latest() -> No
         async with trio.open_nursery() as nursery:
             nursery.start_soon(peer_reader)
             nursery.start_soon(client.send_all, b"payload")  # held in the transport
-            nursery.start_soon(client_reader)
             await wait_all_tasks_blocked()
-            for batch in range(20):
-                pings = [peer.ws.send(Ping(payload=b"%d-%d" % (batch, n))) for n in range(500)]
-                await peer.transport.send_all(b"".join(pings))
+            for number, batch in enumerate(batches):
+                await peer.transport.send_all(batch)
+                if not number:
+                    nursery.start_soon(client_reader)  # reads while the write is busy
                 await wait_all_tasks_blocked()
-            gated.gate.set()
+            gated.gate.set()  # the write completes
             await wait_all_tasks_blocked()
             nursery.cancel_scope.cancel()
+    assert any(isinstance(e, BytesMessage) for e in received)  # the write did complete
+    return received
+
+
+async def _control_owed_during_a_write(event: Ping | CloseConnection) -> list[object]:
+    """The peer sends ``event`` while our send_all is in the middle of a write."""
+    peer_ws = Connection(ConnectionType.SERVER)
+    return await _while_a_write_is_held([peer_ws.send(event)])
+
+
+async def test_a_ping_received_during_a_write_is_answered() -> None:
+    received = await _control_owed_during_a_write(Ping(payload=b"are you there"))
+    assert Pong(payload=b"are you there") in received, received
+
+
+async def test_a_close_received_during_a_write_is_answered() -> None:
+    received = await _control_owed_during_a_write(CloseConnection(code=1000))
+    assert any(isinstance(e, CloseConnection) for e in received), received
+
+
+async def test_a_ping_flood_during_a_held_write_owes_one_pong_the_latest() -> None:
+    # An attacker stops reading (our write is held) and floods pings: every pong queued
+    # would grow our memory without bound; the latest one is all RFC 6455 asks for.
+    peer_ws = Connection(ConnectionType.SERVER)
+    batches = [
+        b"".join(peer_ws.send(Ping(payload=b"%d-%d" % (batch, n))) for n in range(500))
+        for batch in range(20)
+    ]
+    received = await _while_a_write_is_held(batches)
     pongs = [event for event in received if isinstance(event, Pong)]
     assert pongs == [Pong(payload=b"19-499")]
 
