@@ -67,6 +67,12 @@ HOP_BY_HOP_HEADERS: frozenset[bytes] = frozenset(
 )
 
 
+#: A body piece smaller than this waits up to :data:`COALESCE_WAIT` for more (see
+#: ``_Exchange._more``).
+COALESCE_BELOW = 64 * 1024
+COALESCE_WAIT = 0.0005
+
+
 class ExchangeError(trio.BrokenResourceError):
     """The response (the agent's, or whichever server answers the exchange) was missing,
     malformed or cut short, or the request body failed (see ``__cause__``)."""
@@ -235,6 +241,8 @@ class _Exchange:
             try:
                 size = min(self.read_size, self.raw_remaining)
                 data = bytes(await self.stream.receive_some(size))
+                if data and len(data) < min(size, COALESCE_BELOW):
+                    data += await self._more(size - len(data))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._raise_broken(exc)
         if not data:  # as h11 would say it
@@ -246,6 +254,27 @@ class _Exchange:
             raise ExchangeError(f"bad response from the agent: {cause}") from cause
         self.raw_remaining -= len(data)
         return data
+
+    async def _more(self, size: int) -> bytes:
+        """What else of the body arrives within :data:`COALESCE_WAIT`, up to ``size`` bytes.
+
+        A body coming in small pieces (a gorilla agent's 4 KiB frames, read as fast as they
+        arrive) would go on in small pieces, and each piece costs the caller's side about
+        as much as a large one (an ASGI message, h11, a write). A short wait lets the
+        pieces already on their way join this one. Receiving is cancel-safe, so the wait's
+        end loses nothing; an error is left for the next read."""
+        more = bytearray()
+        with trio.move_on_after(COALESCE_WAIT):
+            while len(more) < size and len(more) < COALESCE_BELOW:
+                try:
+                    piece = await self.stream.receive_some(size - len(more))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                if not piece:
+                    self.raw_eof = True
+                    break
+                more += piece
+        return bytes(more)
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self

@@ -28,6 +28,12 @@ from .wsconn import CLOSE_REPLACED
 logger = logging.getLogger("visiona_tunnel.relay")
 
 
+#: The most of a response body :meth:`Tunnel.request` hands on at once: large pieces cost
+#: the caller far less per byte (an ASGI message and a write each), and a stream's window
+#: holds 256 KiB at first anyway (docs/performance.md, issue 14).
+READ_SIZE = 256 * 1024
+
+
 class TunnelTransport(Protocol):
     """What a tunnel runs over: a byte stream whose close carries a WebSocket close code
     (:class:`~visiona_tunnel.wsconn.WebSocketStream`, or an ASGI WebSocket adapter)."""
@@ -144,7 +150,8 @@ class Tunnel:
                 answer was missing, malformed or cut short.
         """
         stream = await self.session.open_stream()
-        async with http_exchange(stream, method, target, headers, body) as response:
+        exchange = http_exchange(stream, method, target, headers, body, read_size=READ_SIZE)
+        async with exchange as response:
             yield response
 
     async def open_stream(self) -> yamux.Stream:
