@@ -256,25 +256,24 @@ class _Exchange:
         return data
 
     async def _more(self, size: int) -> bytes:
-        """What else of the body arrives within :data:`COALESCE_WAIT`, up to ``size`` bytes.
+        """What else of the body arrived within :data:`COALESCE_WAIT`, up to ``size`` bytes.
 
         A body coming in small pieces (a gorilla agent's 4 KiB frames, read as fast as they
         arrive) would go on in small pieces, and each piece costs the caller's side about
         as much as a large one (an ASGI message, h11, a write). A short wait lets the
-        pieces already on their way join this one. Receiving is cancel-safe, so the wait's
-        end loses nothing; an error is left for the next read."""
-        more = bytearray()
-        with trio.move_on_after(COALESCE_WAIT):
-            while len(more) < size and len(more) < COALESCE_BELOW:
-                try:
-                    piece = await self.stream.receive_some(size - len(more))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    break
-                if not piece:
-                    self.raw_eof = True
-                    break
-                more += piece
-        return bytes(more)
+        pieces already on their way join this one: one sleep, then one read of what is
+        there (waiting a moment more only if nothing is). Receiving is cancel-safe, so the
+        end of that moment loses nothing; an error is left for the next read."""
+        await trio.sleep(COALESCE_WAIT)
+        with trio.move_on_after(COALESCE_WAIT / 5):
+            try:
+                piece = await self.stream.receive_some(size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return b""
+            if not piece:
+                self.raw_eof = True
+            return bytes(piece)
+        return b""
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
