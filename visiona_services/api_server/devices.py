@@ -13,13 +13,14 @@ from . import audit
 from .audit import iso
 from .db import Device
 from .errors import Invalid, NotFound
-from .presence import Presence
+from .presence import LiveSession, Presence
 from .tenancy import owned
 
 __all__ = [
     "DEVICE_NOT_FOUND",
     "device_json",
     "get_device",
+    "last_seen",
     "list_devices",
     "rename_device",
     "resolve_device",
@@ -31,16 +32,32 @@ DEVICE_NOT_FOUND = "DEVICE_NOT_FOUND"
 
 def device_json(device: Device, presence: Presence) -> dict[str, Any]:
     live = presence.get(device.id)
+    seen = last_seen(device, live)
     return {
         "id": device.id,
         "name": device.name,
         "created_at": iso(device.created_at),
         "online": live is not None,
         "connected_since": live.since if live else None,
-        "last_seen_at": iso(device.last_seen_at) if device.last_seen_at else None,
+        "last_seen_at": iso(seen) if seen else None,
         "remote_address": live.remote_address if live else None,
         "rtt_ms": live.rtt_ms if live else None,
     }
+
+
+def last_seen(device: Device, live: LiveSession | None) -> datetime | None:
+    """When the device was last seen: an online device at least when its tunnel came up
+    (presence follows the tunnel events at once; the stored time is written just after,
+    and an answer in between must not say "online, never seen")."""
+    seen = device.last_seen_at
+    if live is not None and live.since:
+        try:
+            since = datetime.fromisoformat(live.since)
+        except ValueError:
+            return seen
+        if since.tzinfo is not None and (seen is None or since > seen):
+            return since
+    return seen
 
 
 def list_devices(db: Session, *, user_id: str) -> list[Device]:

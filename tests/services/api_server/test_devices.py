@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import httpx
 from support.apiserver import CSRF, Api
+
+from visiona_services.api_server.db import Device
+from visiona_services.api_server.devices import last_seen
+from visiona_services.api_server.presence import LiveSession
 
 
 async def _pair(api: Api, browser: httpx.AsyncClient, name: str) -> dict[str, str]:
@@ -74,3 +80,15 @@ async def test_clusters_are_created_changed_and_deleted(api: Api) -> None:
     assert changed.json()["data"]["device_ids"] == [device["device_id"]]
     assert deleted.json()["data"]["deleted"] is True
     assert listed.json()["data"] == []
+
+
+def test_an_online_device_was_seen_at_least_when_its_tunnel_came_up() -> None:
+    # Presence follows the tunnel events at once, the stored time a moment later: an answer
+    # in between must not say "online, never seen".
+    created = datetime(2026, 1, 1, tzinfo=UTC)
+    device = Device(id="d", user_id="u", name="camera", created_at=created, last_seen_at=None)
+    live = LiveSession("d", "2026-01-02T03:04:05.678Z", "127.0.0.1:1", None)
+    assert last_seen(device, live) == datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+    assert last_seen(device, None) is None
+    device.last_seen_at = datetime(2026, 1, 3, tzinfo=UTC)  # stored after the tunnel came up
+    assert last_seen(device, live) == device.last_seen_at
