@@ -13,7 +13,7 @@ from collections import OrderedDict
 
 import attrs
 
-__all__ = ["AttemptLimit", "AttemptLimiter", "EveryInterval", "Occupancy", "address_key"]
+__all__ = ["AttemptLimit", "AttemptLimiter", "EveryInterval", "Occupancy", "Place", "address_key"]
 
 
 def address_key(address: str) -> str:
@@ -109,21 +109,35 @@ class Occupancy:
         self.taken = 0
         self._by_address: dict[str, int] = {}
 
-    def take(self, address: str) -> bool:
-        """Take a place for ``address``; False (and nothing taken) if a cap is reached."""
+    def take(self, address: str) -> Place | None:
+        """A place for ``address``; None (and nothing taken) if a cap is reached."""
         key = address_key(address)
         held = self._by_address.get(key, 0)
         if self.taken >= self.total or held >= self.per_address:
-            return False
+            return None
         self.taken += 1
         self._by_address[key] = held + 1
-        return True
+        return Place(self, key, address)
 
-    def give_back(self, address: str) -> None:
-        key = address_key(address)
+    def _give_back(self, key: str) -> None:
         held = self._by_address[key] - 1
         if held:
             self._by_address[key] = held
         else:
             del self._by_address[key]
         self.taken -= 1
+
+
+class Place:
+    """One place of an :class:`Occupancy`, taken for ``address`` until :meth:`give_back`."""
+
+    def __init__(self, occupancy: Occupancy, key: str, address: str) -> None:
+        self.address = address
+        self._occupancy: Occupancy | None = occupancy
+        self._key = key
+
+    def give_back(self) -> None:
+        """Free the place; again, nothing happens."""
+        occupancy, self._occupancy = self._occupancy, None
+        if occupancy is not None:
+            occupancy._give_back(self._key)

@@ -30,7 +30,7 @@ from .admission import (
     RequestScope,
     Route,
 )
-from .limits import AttemptLimiter, Occupancy
+from .limits import AttemptLimiter, Occupancy, Place
 from .relay import TunnelRegistry
 from .wsconn import RECEIVE_SIZE, WebSocketRequest, WebSocketStream
 
@@ -83,9 +83,6 @@ class ListenerConnection:
     max_tunnels: int
     attempts: AttemptLimiter | None
     on_refusal: OnRefusal | None
-    #: The connections holding a handshake place (by ``id`` of their TCP stream), until
-    #: they end or become a tunnel.
-    handshakes_held: dict[int, str] = attrs.field(factory=dict)
     #: Set once the listener shuts down: no more keep-alive.
     stopping: bool = False
     #: The cancel scopes of connections waiting for a request (head).
@@ -93,14 +90,14 @@ class ListenerConnection:
 
     async def __call__(self, tcp: trio.SocketStream) -> None:
         remote, host = _prepare(tcp, self.tcp_user_timeout)
-        if not self.handshakes.take(host):
+        place = self.handshakes.take(host)  # until it ends, or is a tunnel
+        if place is None:
             await self._turn_away(tcp)
             return
         try:
-            await self._serve(tcp, remote, host)
+            await self._serve(tcp, remote, place)
         finally:
-            if self.handshakes_held.pop(id(tcp), None) is not None:
-                self.handshakes.give_back(host)
+            place.give_back()
 
     async def _turn_away(self, tcp: trio.SocketStream) -> None:
         """Over a handshake cap: 503 at once (plain TCP; a TLS one is just closed), unread."""
@@ -120,8 +117,7 @@ class ListenerConnection:
                     await tcp.send_all(head + b"\r\n" + answer.body)
         await trio.aclose_forcefully(tcp)
 
-    async def _serve(self, tcp: trio.SocketStream, remote: str | None, host: str) -> None:
-        self.handshakes_held[id(tcp)] = host
+    async def _serve(self, tcp: trio.SocketStream, remote: str | None, place: Place) -> None:
         stream: trio.abc.Stream = tcp
         if self.ssl_context is not None:
             stream = trio.SSLStream(tcp, self.ssl_context, server_side=True)
@@ -143,7 +139,7 @@ class ListenerConnection:
                 with self.request_scope(request) as extra:
                     if request.path == self.path and _is_websocket_upgrade(head):
                         keep_open = True
-                        await self._tunnel(tcp, stream, conn, head, request, extra)
+                        await self._tunnel(tcp, stream, conn, head, request, extra, place)
                         return
                     if not await self._answer(stream, conn, request, extra):
                         return
@@ -229,11 +225,12 @@ class ListenerConnection:
         head: h11.Request,
         request: ListenerRequest,
         extra: Headers,
+        place: Place,
     ) -> None:
         """Admit, upgrade, and run the tunnel until it ends; closes the connection."""
         try:
             with trio.fail_after(self.handshake_timeout + self.admit_timeout):
-                upgrade = await self._upgrade(stream, conn, head, request, extra)
+                upgrade = await self._upgrade(stream, conn, head, request, extra, place.address)
                 if upgrade is None:
                     await trio.aclose_forcefully(stream)
                     return
@@ -242,8 +239,7 @@ class ListenerConnection:
             # The socket outlives the WebSocket's aclose (see close_and_drain).
             spare = tcp.socket.dup()
             # A tunnel now: its place among the handshakes is free (max_tunnels bounds it).
-            if (host := self.handshakes_held.pop(id(tcp), None)) is not None:
-                self.handshakes.give_back(host)
+            place.give_back()
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
@@ -264,8 +260,10 @@ class ListenerConnection:
         head: h11.Request,
         request: ListenerRequest,
         extra: Headers,
+        address: str,
     ) -> tuple[str, WebSocketRequest] | None:
-        """The key and the upgrade to accept, or None after the refusal."""
+        """The key and the upgrade to accept, or None after the refusal; refused attempts
+        count against ``address`` (the client's host)."""
         ws = WSConnection(ConnectionType.SERVER)
         try:
             ws.initiate_upgrade_connection(list(head.headers), head.target)
@@ -277,7 +275,6 @@ class ListenerConnection:
             refusal = Refusal(400, "BAD_REQUEST", f"not a WebSocket upgrade: {exc}")
             await self._refuse(stream, conn, refusal, extra, request)
             return None
-        address = (request.remote or "").rpartition(":")[0].strip("[]")
         if self.attempts is not None:
             wait = self.attempts.retry_after(address, trio.current_time())
             if wait > 0:  # guessing tokens: not even the verifier is asked
