@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from visiona_tunnel.admission import UNAUTHORIZED, VERIFIER_UNAVAILABLE, Refusal
 from visiona_tunnel.httpstream import http_exchange
-from visiona_tunnel.listener import Refusal
 from visiona_tunnel.relay import TokenVerifier, VerifierUnavailable
 
 from ..common.internal_url import InternalUrl
@@ -141,8 +141,6 @@ __all__ = [
 
 
 DRAINING = Refusal(503, "DRAINING", "the proxy is shutting down; retry later")
-AUTH_UNAVAILABLE = Refusal(503, "AUTH_UNAVAILABLE", "cannot check tokens now")
-UNAUTHORIZED = Refusal(401, "UNAUTHORIZED", "a valid device token is required")
 
 
 async def admit(
@@ -171,7 +169,7 @@ async def admit(
                     "token checks unavailable",
                     extra={"remote": remote, "error": str(exc) or "timed out", "count": count},
                 )
-            return AUTH_UNAVAILABLE
+            return VERIFIER_UNAVAILABLE
     if device is None:
         state.metrics.auth_failures.inc()  # logged with the other refusals, at a rate
         return UNAUTHORIZED
