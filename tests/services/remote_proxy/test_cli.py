@@ -5,44 +5,33 @@ until SIGTERM."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
-import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
 import pytest
 import trio
 from support.internalapi import SECRET, call, json_of
+from support.proxyprocess import (
+    COMMAND,
+    EPHEMERAL,
+    PROCESS_TIMEOUT,
+    Output,
+    is_listening,
+    proxy_env,
+    stop,
+)
 
 from visiona_services.common.envconfig import variables
 from visiona_services.remote_proxy.config import ProxyConfig
-
-PROCESS_TIMEOUT = 30.0
-COMMAND = [sys.executable, "-m", "visiona_services.remote_proxy"]
-#: Both listeners on 127.0.0.1, on ports of the system's choosing.
-EPHEMERAL = {
-    "VISIONA_TUNNEL_HOST": "127.0.0.1",
-    "VISIONA_TUNNEL_PORT": "0",
-    "VISIONA_PROXY_INTERNAL_HOST": "127.0.0.1",
-    "VISIONA_PROXY_INTERNAL_PORT": "0",
-}
-
-
-def _env(environ: Mapping[str, str]) -> dict[str, str]:
-    """This process's environment without any ``VISIONA_*`` variable, plus ``environ``."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("VISIONA_")}
-    env.update(environ)
-    return env
 
 
 def _run(args: list[str], environ: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*COMMAND, *args],
-        env=_env(environ),
+        env=proxy_env(environ),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -117,30 +106,6 @@ def test_a_busy_port_is_one_line_naming_the_address_and_exit_1(variable: str) ->
 # -- running processes ----------------------------------------------------------------------
 
 
-class Output:
-    """What a process wrote on one pipe, read as it comes."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream | None) -> None:
-        assert stream is not None
-        self.stream = stream
-        self.text = ""
-
-    async def line(self, matches: Callable[[str], bool]) -> str:
-        """The first line (read so far or to come) for which ``matches`` is true."""
-        while True:
-            for line in self.text.splitlines(keepends=True):
-                if line.endswith("\n") and matches(line.rstrip("\n")):
-                    return line.rstrip("\n")
-            chunk = await self.stream.receive_some()
-            if not chunk:
-                pytest.fail(f"the process closed the pipe; it wrote: {self.text}")
-            self.text += chunk.decode(errors="replace")
-
-
-def _listening(line: str) -> bool:
-    return line.startswith("{") and json.loads(line)["msg"] == "listening"
-
-
 def _internal_port(line: str) -> int:
     record: dict[str, Any] = json.loads(line)
     assert "T" in record["ts"]  # ISO 8601
@@ -150,16 +115,11 @@ def _internal_port(line: str) -> int:
 async def _start(environ: Mapping[str, str]) -> trio.Process:
     return await trio.lowlevel.open_process(
         COMMAND,
-        env=_env(environ),
+        env=proxy_env(environ),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-
-
-async def _stop(process: trio.Process) -> int:
-    process.send_signal(signal.SIGTERM)
-    return await process.wait()
 
 
 async def test_dev_prints_the_generated_secret_once_and_it_opens_the_internal_api() -> None:
@@ -167,13 +127,13 @@ async def test_dev_prints_the_generated_secret_once_and_it_opens_the_internal_ap
     try:
         with trio.fail_after(PROCESS_TIMEOUT):
             stdout, stderr = Output(process.stdout), Output(process.stderr)
-            port = _internal_port(await stderr.line(_listening))
+            port = _internal_port(await stderr.line(is_listening))
             printed = await stdout.line(lambda line: "VISIONA_INTERNAL_SECRET=" in line)
             secret = printed.split("=", 1)[1]
             bearer = [("authorization", f"Bearer {secret}")]
             response = await call(port, "GET", "/internal/health", headers=bearer, auth=False)
             assert (response.status, json_of(response)["data"]["draining"]) == (200, False)
-            assert await _stop(process) == 0
+            assert await stop(process) == 0
             while await stdout.stream.receive_some():
                 pass
     finally:
@@ -191,9 +151,9 @@ async def test_the_process_serves_and_exits_0_on_sigterm() -> None:
     try:
         with trio.fail_after(PROCESS_TIMEOUT):
             stderr = Output(process.stderr)
-            port = _internal_port(await stderr.line(_listening))
+            port = _internal_port(await stderr.line(is_listening))
             assert (await call(port, "GET", "/internal/health")).status == 200
-            assert await _stop(process) == 0
+            assert await stop(process) == 0
     finally:
         if process.returncode is None:
             process.kill()

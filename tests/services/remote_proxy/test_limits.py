@@ -11,10 +11,17 @@ import subprocess
 import pytest
 import trio
 from support.internalapi import SECRET, call, json_of
+from support.proxyprocess import (
+    COMMAND,
+    EPHEMERAL,
+    PROCESS_TIMEOUT,
+    Output,
+    is_listening,
+    proxy_env,
+    stop,
+)
 from support.pyagent import start_py_agent
 from support.tunnelhttp import LocalServer
-
-from .test_cli import COMMAND, EPHEMERAL, PROCESS_TIMEOUT, Output, _env, _listening, _stop
 
 TOKEN = "device-token"
 DEVICE = "device-1"
@@ -58,7 +65,7 @@ async def test_a_1024_descriptor_proxy_under_1100_slow_connections_serves_and_ad
     }
     process = await trio.lowlevel.open_process(
         COMMAND,
-        env=_env(environ),
+        env=proxy_env(environ),
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         preexec_fn=_limit_descriptors,
@@ -67,7 +74,7 @@ async def test_a_1024_descriptor_proxy_under_1100_slow_connections_serves_and_ad
     try:
         with trio.fail_after(PROCESS_TIMEOUT):
             stderr = Output(process.stderr)
-            listening = json.loads(await stderr.line(_listening))
+            listening = json.loads(await stderr.line(is_listening))
             tunnel_port = int(listening["tunnel"][0].rsplit(":", 1)[1])
             internal_port = int(listening["internal"][0].rsplit(":", 1)[1])
             async with trio.open_nursery() as nursery:
@@ -86,7 +93,7 @@ async def test_a_1024_descriptor_proxy_under_1100_slow_connections_serves_and_ad
                 agent.client.stop()
             for stream in held:
                 await stream.aclose()
-            assert await _stop(process) == 0
+            assert await stop(process) == 0
             while await stderr.stream.receive_some():
                 pass
     finally:
