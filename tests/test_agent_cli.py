@@ -25,8 +25,8 @@ from support.agentprocess import (
     is_state,
 )
 from support.pyrelay import PyRelay, start_py_relay
-from support.tunnelapp import start_tunnel_listener
 from support.tunnelhttp import LocalServer
+from support.tunnellistener import start_tunnel_listener
 
 from visiona_tunnel.relay import TunnelDown, TunnelEvent
 

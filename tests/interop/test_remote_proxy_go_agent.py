@@ -1,5 +1,5 @@
 """The Go agent (``goagent``: gorilla/websocket + hashicorp/yamux) against the remote-proxy's
-tunnel listener (``serve_tunnels``, ``support.tunnelapp``): it comes up,
+tunnel listener (``serve_tunnels``, ``support.tunnellistener``): it comes up,
 traffic goes through it byte for byte, a newer agent replaces it with close 4001, a bad
 token gets 401. Waits are on the agent's stdout lines and the registry, each bounded.
 """
@@ -10,8 +10,8 @@ import pytest
 import trio
 from support.data import pattern_body, pattern_sha256
 from support.pyrelay import fetch, fetch_digest
-from support.tunnelapp import TunnelListener, start_tunnel_listener
 from support.tunnelhttp import LocalServer, start_local_server
+from support.tunnellistener import TunnelListener, start_tunnel_listener
 
 from visiona_tunnel.relay import Tunnel
 from visiona_tunnel.wsconn import CLOSE_REPLACED

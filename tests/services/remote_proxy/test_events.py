@@ -27,7 +27,7 @@ from support.internalapi import (
 )
 from support.proxyevents import EVENTS, Event, subscribe
 from support.pyagent import FAST, start_py_agent
-from support.tunnelapp import TunnelEvents
+from support.tunnellistener import TunnelEvents
 
 from visiona_services.common.envconfig import ConfigError
 from visiona_services.remote_proxy.config import ProxyConfig

@@ -40,8 +40,8 @@ from support.internalapi import (
 )
 from support.pyagent import FAST, PyAgent, start_py_agent
 from support.streams import pump_lines
-from support.tunnelapp import TunnelEvents
 from support.tunnelhttp import HttpResponse, MiB, http_exchange
+from support.tunnellistener import TunnelEvents
 from trio_websocket import ConnectionClosed, WebSocketRequest, WebSocketServer, serve_websocket
 
 from visiona_services.remote_proxy.config import ProxyConfig

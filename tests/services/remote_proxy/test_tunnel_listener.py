@@ -3,7 +3,7 @@ the upgrade, one tunnel per device, replacement, draining, health, metrics, and 
 through the tunnel to the agent's local server.
 
 The listener is the one production runs (``serve_tunnels``: the library's listener with the
-service's admission), through ``support.tunnelapp`` on 127.0.0.1, plain or over TLS with a
+service's admission), through ``support.tunnellistener`` on 127.0.0.1, plain or over TLS with a
 throwaway CA (``trustme``). The agent's local server is ``support.tunnelhttp.LocalApp``.
 Waits are on hooks and registry events, each bounded.
 """
@@ -26,8 +26,8 @@ import trustme
 from support.data import pattern, pattern_body, pattern_sha256
 from support.pyagent import FAST, PyAgent, start_py_agent
 from support.pyrelay import fetch, fetch_digest
-from support.tunnelapp import TunnelListener, start_tunnel_listener
 from support.tunnelhttp import LocalServer, http_request, start_local_server
+from support.tunnellistener import TunnelListener, start_tunnel_listener
 
 from visiona_services.common.envconfig import ConfigError
 from visiona_services.remote_proxy.config import ProxyConfig
