@@ -60,8 +60,15 @@ Chains (``--chains``):
   The column "vs proxy+<agent>" is the ratio to the ``proxy+`` chain with the same agent,
   in the same round: what the api-server's hop costs.
 
+* ``gohop+py-agent``, ``gohop+go-agent``: the ``proxy+`` chain with one more HTTP hop in
+  front of the proxy's internal API, written in Go (``gohop``: ``httputil.ReverseProxy``,
+  keep-alive upstream, bodies streamed). A yardstick for the api-server's hop: what one
+  more process in the chain costs on this machine with no Python in it. The column
+  "vs proxy+<agent>" is filled in for these chains too.
+
 ``--chains api`` is the preset ``direct,proxy+py-agent,api+py-agent,proxy+go-agent,
-api+go-agent`` (``all``, the default: every chain).
+api+go-agent``; ``--chains hop`` the api chains and the gohop chains beside the proxy
+chains (``all``, the default: every chain).
 
 Each (round, workload, chain) is one *run* with fresh processes. Runs are interleaved
 round-robin (every round runs every workload on every chain, the chain order rotating each
@@ -93,7 +100,7 @@ core over that section (the clock ticks at 10 ms, so short runs are coarse). In 
 py-relay chains the relay and the load are one process (``relay+load``). ``others`` is the
 rest of the machine's busy time meanwhile (other jobs; /proc/stat), to spot interference:
 the machine has 2 cores, so the parties plus ``others`` add up to at most 200%.
-The ``api+`` chains list ``api`` and ``idp`` too.
+The ``api+`` chains list ``api`` and ``idp`` too, the ``gohop+`` chains ``hop``.
 
 Failures and hangs
 ------------------
@@ -169,11 +176,22 @@ CHAINS = (
     "proxy+seed-agent",
     "go-relay+seed-agent",
     "py-relay+seed-agent",
+    "gohop+py-agent",
+    "gohop+go-agent",
 )
 #: ``--chains`` names for lists of chains.
 PRESETS: dict[str, tuple[str, ...]] = {
     "all": CHAINS,
     "api": ("direct", "proxy+py-agent", "api+py-agent", "proxy+go-agent", "api+go-agent"),
+    # The api-server's hop beside a Go reverse proxy's in the same place.
+    "hop": (
+        "proxy+py-agent",
+        "api+py-agent",
+        "gohop+py-agent",
+        "proxy+go-agent",
+        "api+go-agent",
+        "gohop+go-agent",
+    ),
     # The agents in the field: the seed's, gorilla's 4 KiB buffers (issue 14).
     "seed": ("go-relay+seed-agent", "proxy+seed-agent", "go-relay+go-agent", "proxy+go-agent"),
 }
@@ -1150,6 +1168,20 @@ def run_once(
             run.write_pids(["server", "proxy", "agent"])
             extra = ("--port", str(internal_port), "--prefix", f"/internal/forward/{DEVICE}")
             load = run.start("load", run.python("load", spec, *extra), {BEARER_ENV: secret})
+        elif chain.startswith("gohop+"):
+            agent_kind = chain.split("+")[1]
+            proxy, tunnel_port, internal_port, secret = run.start_proxy()
+            url = f"ws://{HOST}:{tunnel_port}/tunnel/connect"
+            run.start("agent", _agent_cmd(agent_kind, binaries, url, port))
+            upstream = f"http://{HOST}:{internal_port}"
+            hop = run.start(
+                "hop", [str(binaries.hop), "-listen", f"{HOST}:0", "-upstream", upstream]
+            )
+            hop_port = int(run.wait_line(hop, "HTTP LISTENING ").split()[2])
+            run.wait_http(proxy, internal_port, f"/internal/sessions/{DEVICE}", secret)
+            run.write_pids(["server", "proxy", "hop", "agent"])
+            extra = ("--port", str(hop_port), "--prefix", f"/internal/forward/{DEVICE}")
+            load = run.start("load", run.python("load", spec, *extra), {BEARER_ENV: secret})
         elif chain.startswith("api+"):
             agent_kind = chain.split("+")[1]
             system = run.start_api_system()
@@ -1256,7 +1288,18 @@ def _print_run(record: dict[str, Any]) -> None:
         print(f"    note: teardown raised after the measurement: {last}", flush=True)
 
 
-PARTY_ORDER = ("load", "relay+load", "relay", "api", "proxy", "agent", "server", "idp", "others")
+PARTY_ORDER = (
+    "load",
+    "relay+load",
+    "relay",
+    "api",
+    "hop",
+    "proxy",
+    "agent",
+    "server",
+    "idp",
+    "others",
+)
 
 
 def _cpu_text(cpu: Mapping[str, Mapping[str, float]]) -> str:
@@ -1286,11 +1329,13 @@ def summarize(
     runs: Sequence[dict[str, Any]], chains: Sequence[str], workloads: Sequence[str]
 ) -> tuple[list[dict[str, Any]], str]:
     baselines = [b for b in BASELINES if b in chains]
-    # An api chain is also compared with the proxy chain of the same agent: its extra hop.
+    # An api or gohop chain is also compared with the proxy chain of the same agent: what
+    # its extra hop costs.
     references = {
-        chain: "proxy+" + chain[4:]
+        chain: "proxy+" + agent
         for chain in chains
-        if chain.startswith("api+") and "proxy+" + chain[4:] in chains
+        for hop, _, agent in [chain.partition("+")]
+        if hop in ("api", "gohop") and "proxy+" + agent in chains
     }
     head = "| workload | chain | result: median (min-max) | runs ok |"
     head += "".join(f" vs {b} (same round) |" for b in baselines)
@@ -1401,7 +1446,7 @@ def _orchestrate(args: argparse.Namespace) -> int:
         print(f"unknown chain/workload: {unknown}; chains: {', '.join(CHAINS)}", file=sys.stderr)
         return 2
     binaries = None
-    if any("go-" in chain or "seed-" in chain for chain in chains):
+    if any("go-" in chain or "seed-" in chain or "gohop" in chain for chain in chains):
         # Imported by name: mypy checks tests/ as its own root (and would meet gobuild.py
         # under two module names), and resolves tests.interop.tunnelpeers to the Go sources.
         gobuild = importlib.import_module("tests.interop.gobuild")

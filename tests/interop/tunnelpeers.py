@@ -39,11 +39,13 @@ CLOSE_REPLACED = 4001
 class TunnelPeerBinaries:
     agent: Path
     relay: Path
+    #: A Go reverse proxy: the benchmarks' yardstick for one more HTTP hop.
+    hop: Path
 
 
 @functools.cache
 def build_tunnel_peers(build_dir: Path = BUILD_DIR) -> TunnelPeerBinaries:
-    """Build ``goagent`` and ``gorelay`` once (per process), offline.
+    """Build ``goagent``, ``gorelay`` and ``gohop`` once (per process), offline.
 
     Raises ``gobuild.GoToolchainMissing`` or ``gobuild.GoBuildFailed``.
     """
@@ -55,7 +57,9 @@ def build_tunnel_peers(build_dir: Path = BUILD_DIR) -> TunnelPeerBinaries:
         required_sources=[YAMUX_SOURCE, GORILLA_SOURCE],
         build_dir=build_dir,
     )
-    return TunnelPeerBinaries(agent=output / "goagent", relay=output / "gorelay")
+    return TunnelPeerBinaries(
+        agent=output / "goagent", relay=output / "gorelay", hop=output / "gohop"
+    )
 
 
 class PeerProcess:
