@@ -24,12 +24,14 @@ class ChunkBuffer:
     are joined into one answer (many small yamux frames, one read).
     """
 
-    __slots__ = ("_chunks", "_coalesce", "_offset")
+    __slots__ = ("_chunks", "_coalesce", "_offset", "size")
 
     def __init__(self, *, coalesce: bool = False) -> None:
         self._chunks: deque[bytes] = deque()
         self._offset = 0  # into self._chunks[0]
         self._coalesce = coalesce
+        #: Bytes held.
+        self.size = 0
 
     def __bool__(self) -> bool:
         return bool(self._chunks)
@@ -37,10 +39,12 @@ class ChunkBuffer:
     def append(self, chunk: bytes) -> None:
         """Queue a non-empty chunk."""
         self._chunks.append(chunk)
+        self.size += len(chunk)
 
     def clear(self) -> None:
         self._chunks.clear()
         self._offset = 0
+        self.size = 0
 
     def take(self, max_bytes: int | None) -> bytes:
         """The next bytes, at most ``max_bytes`` (``None``: the next chunk). Not empty."""
@@ -49,6 +53,7 @@ class ChunkBuffer:
         start = self._offset
         if max_bytes is not None and len(chunk) - start > max_bytes:
             self._offset = start + max_bytes
+            self.size -= max_bytes
             return chunk[start : start + max_bytes]
         chunks.popleft()
         self._offset = 0
@@ -59,10 +64,12 @@ class ChunkBuffer:
             or not chunks
             or len(data) + len(chunks[0]) > max_bytes
         ):
+            self.size -= len(data)
             return data
         parts = [data]
         size = len(data)
         while chunks and size + len(chunks[0]) <= max_bytes:
             size += len(chunks[0])
             parts.append(chunks.popleft())
+        self.size -= size
         return b"".join(parts)

@@ -67,10 +67,9 @@ HOP_BY_HOP_HEADERS: frozenset[bytes] = frozenset(
 )
 
 
-#: A body piece smaller than this waits up to :data:`COALESCE_WAIT` for more (see
-#: ``_Exchange._more``).
-COALESCE_BELOW = 64 * 1024
-COALESCE_WAIT = 0.0005
+#: How long a piece of a body read from a yamux stream may wait for the rest of the read
+#: (see ``_Exchange._receive``); trio's timers round it up to 1 ms.
+GATHER_PATIENCE = 0.0005
 
 
 class ExchangeError(trio.BrokenResourceError):
@@ -228,6 +227,19 @@ class _Exchange:
             if not isinstance(event, h11.InformationalResponse) or event.status_code == 101:
                 raise ExchangeError(f"unexpected response from the agent: {event!r}")
 
+    async def _receive(self, size: int) -> bytes:
+        """A piece of the body, at most ``size`` bytes. From a yamux stream, a piece smaller
+        than ``size`` waits up to :data:`GATHER_PATIENCE` for the rest of the read, or for
+        what the peer's flow-control credit lets it send if that is less
+        (``Stream.receive_at_least``): a gorilla agent's 4 KiB frames, handed on as they
+        arrive, would each cost the caller's side as much as a large piece (an ASGI
+        message, h11, a write). A fixed sleep instead stalled fast downloads: the peer out
+        of credit early in the sleep, idle for the rest of it (40% of a run asleep)."""
+        receive_at_least = getattr(self.stream, "receive_at_least", None)
+        if receive_at_least is None:
+            return bytes(await self.stream.receive_some(size))
+        return bytes(await receive_at_least(size, size, GATHER_PATIENCE))
+
     async def _next_raw(self) -> bytes:
         """The next piece of a body read without h11."""
         if self.raw_remaining == 0:
@@ -240,9 +252,7 @@ class _Exchange:
         else:
             try:
                 size = min(self.read_size, self.raw_remaining)
-                data = bytes(await self.stream.receive_some(size))
-                if data and len(data) < min(size, COALESCE_BELOW):
-                    data += await self._more(size - len(data))
+                data = await self._receive(size)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._raise_broken(exc)
         if not data:  # as h11 would say it
@@ -254,26 +264,6 @@ class _Exchange:
             raise ExchangeError(f"bad response from the agent: {cause}") from cause
         self.raw_remaining -= len(data)
         return data
-
-    async def _more(self, size: int) -> bytes:
-        """What else of the body arrived within :data:`COALESCE_WAIT`, up to ``size`` bytes.
-
-        A body coming in small pieces (a gorilla agent's 4 KiB frames, read as fast as they
-        arrive) would go on in small pieces, and each piece costs the caller's side about
-        as much as a large one (an ASGI message, h11, a write). A short wait lets the
-        pieces already on their way join this one: one sleep, then one read of what is
-        there (waiting a moment more only if nothing is). Receiving is cancel-safe, so the
-        end of that moment loses nothing; an error is left for the next read."""
-        await trio.sleep(COALESCE_WAIT)
-        with trio.move_on_after(COALESCE_WAIT / 5):
-            try:
-                piece = await self.stream.receive_some(size)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return b""
-            if not piece:
-                self.raw_eof = True
-            return bytes(piece)
-        return b""
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self

@@ -147,6 +147,15 @@ class YamuxConnection:
         state = self._streams.get(stream_id)
         return state.send_window if state is not None else 0
 
+    def receivable(self, stream_id: int) -> int:
+        """How many more bytes the peer may send on the stream before it needs more credit
+        from us: what is left of its window, and the rest of a frame still arriving."""
+        state = self._streams.get(stream_id)
+        if state is None or state.remote_closed:
+            return 0
+        in_flight = self._body_left if self._body_stream is state else 0
+        return state.recv_window + in_flight
+
     def has_data_to_send(self) -> bool:
         return bool(self._control or self._data)
 

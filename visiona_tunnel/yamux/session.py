@@ -289,6 +289,9 @@ class Session:
             room -= max(self._conn.send_window(stream.stream_id), self.config.max_frame_size)
             stream.window_opened()
 
+    def receivable(self, stream: Stream) -> int:
+        return self._conn.receivable(stream.stream_id)
+
     def consumed(self, stream: Stream, nbytes: int) -> None:
         now = trio.current_time() if self._auto_tune else None
         self._conn.consume(stream.stream_id, nbytes, now)

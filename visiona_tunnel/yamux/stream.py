@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Protocol
 
 import trio
@@ -29,6 +30,10 @@ class StreamSession(Protocol):
         ...
 
     def send_would_block(self, stream: Stream) -> bool: ...
+
+    def receivable(self, stream: Stream) -> int:
+        """How many more bytes the peer may send before it needs more credit from us."""
+        ...
 
     def consumed(self, stream: Stream, nbytes: int) -> None:
         """The application read ``nbytes``: credit for the peer."""
@@ -62,6 +67,8 @@ class Stream(trio.abc.HalfCloseableStream):
         self._send_closed = False  # our FIN is queued
         self._closed = False  # aclose() was called
         self._receive_waiter: trio.Event | None = None
+        # While receive_at_least waits: data wakes the receiver only once this much is held.
+        self._wake_at = 0
         self._send_waiter: trio.Event | None = None
         self._receive_conflict = ConflictDetector("another task is receiving on this stream")
         self._send_conflict = ConflictDetector("another task is sending on this stream")
@@ -95,6 +102,47 @@ class Stream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
 
+    async def receive_at_least(self, max_bytes: int, at_least: int, patience: float) -> bytes:
+        """What :meth:`receive_some` returns, but once the first bytes are here, wait up to
+        ``patience`` seconds for ``at_least`` bytes in all (``max_bytes`` at most), or for
+        as many as the peer may still send if that is less: once it has used up its
+        flow-control credit, nothing more comes until we read, so waiting on would only
+        stall it. Woken once, when they are here, not per frame.
+
+        For a reader whose every read costs as much downstream whatever its size (a
+        forward handing each piece to hypercorn): small frames read one by one as they
+        arrive cost much more CPU per byte than a few larger pieces. The wait is shielded
+        (the bytes already taken must not be lost to a cancellation) and bounded by
+        ``patience``; a cancellation takes effect at the next call.
+        """
+        max_bytes = operator.index(max_bytes)
+        data = await self.receive_some(max_bytes)
+        want = min(at_least, max_bytes) - len(data)
+        if not data or want <= 0:
+            return data
+        with self._receive_conflict:
+            # No waiting for what cannot come before we read: once the peer has used up
+            # its credit, it waits for us.
+            want = min(want, self._chunks.size + self._session.receivable(self))
+            if self._chunks.size < want:
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + patience):
+                    self._wake_at = want
+                    try:
+                        while self._chunks.size < want and not self._ended_for_reading():
+                            self._receive_waiter = waiter = trio.Event()
+                            await waiter.wait()
+                    finally:
+                        self._wake_at = 0
+                        self._receive_waiter = None
+            if not self._chunks or self._closed or self._reset:
+                return data  # an ending is for the next read to report
+            more = self._chunks.take(max_bytes - len(data))
+            self._session.consumed(self, len(more))
+            return data + more
+
+    def _ended_for_reading(self) -> bool:
+        return self._eof or self._closed or self._reset or self._session.is_closed
+
     # -- the session's side (see StreamSession) ----------------------------------------------
 
     @property
@@ -104,7 +152,8 @@ class Stream(trio.abc.HalfCloseableStream):
 
     def data_received(self, data: bytes) -> None:
         self._chunks.append(data)
-        self._wake_receiver()
+        if self._chunks.size >= self._wake_at:
+            self._wake_receiver()
 
     def end_received(self) -> None:
         self._eof = True
