@@ -353,6 +353,21 @@ def test_our_binary_frames_are_the_bytes_wsproto_would_send(payload: bytes, key:
         assert b"".join(ours) == bytes(expected)
 
 
+@given(
+    parts=st.lists(st.binary(max_size=300), max_size=8),
+    key=st.binary(min_size=4, max_size=4),
+    client=st.booleans(),
+)
+def test_a_message_of_several_buffers_is_the_bytes_wsproto_would_send_for_them_joined(
+    parts: list[bytes], key: bytes, client: bool
+) -> None:
+    connection = Connection(ConnectionType.CLIENT if client else ConnectionType.SERVER)
+    with unittest.mock.patch("os.urandom", return_value=key):
+        expected = connection.send(BytesMessage(data=b"".join(parts)))
+    ours = encode_binary_message(list(parts), client=client, masking_key=key)
+    assert b"".join(ours) == bytes(expected)
+
+
 def test_importing_the_library_has_no_side_effects() -> None:
     check = (
         "import sys, wsproto.frame_protocol as f; original = f.XorMaskerSimple; "

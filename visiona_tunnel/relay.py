@@ -39,6 +39,7 @@ class TunnelTransport(Protocol):
     (:class:`~visiona_tunnel.wsconn.WebSocketStream`, or an ASGI WebSocket adapter)."""
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None: ...
+    async def send_all_vectored(self, parts: list[bytes | memoryview]) -> None: ...
     async def wait_send_all_might_not_block(self) -> None: ...
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray: ...
     async def aclose(self, code: int = 1000, reason: str = "") -> None: ...
@@ -60,6 +61,10 @@ class _CountingStream(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
         self.bytes_out += len(data)
+
+    async def send_all_vectored(self, parts: list[bytes | memoryview]) -> None:
+        await self.inner.send_all_vectored(parts)
+        self.bytes_out += sum(len(part) for part in parts)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()

@@ -63,6 +63,9 @@ class TrioWebSocketStream(trio.abc.Stream):
             except trio_websocket.ConnectionClosed as exc:
                 raise WebSocketClosed(*_close_of(exc)) from exc
 
+    async def send_all_vectored(self, parts: list[bytes | memoryview]) -> None:
+        await self.send_all(b"".join(parts))
+
     async def wait_send_all_might_not_block(self) -> None:
         with self._send_conflict:
             await trio.lowlevel.checkpoint()

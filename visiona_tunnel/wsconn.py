@@ -88,16 +88,22 @@ _BINARY_FIN = 0x80 | 0x2  # FIN, no RSV bits, opcode 2 (binary)
 
 
 def encode_binary_message(
-    payload: bytes | bytearray | memoryview, *, client: bool, masking_key: bytes | None = None
+    payload: bytes | bytearray | memoryview | list[bytes | memoryview],
+    *,
+    client: bool,
+    masking_key: bytes | None = None,
 ) -> list[bytes | memoryview]:
-    """One complete binary message as a single frame (RFC 6455 section 5.2), as buffers.
+    """One complete binary message as a single frame (RFC 6455 section 5.2), as buffers;
+    ``payload`` is one buffer or a list of buffers that make the message together (they
+    are framed where they lie, never joined).
 
     The same bytes as wsproto's ``Connection.send(BytesMessage(data))`` without extensions
     (a test holds them equal), without its four copies of the payload: this is the data
     path, and its copies were the sender's largest cost. Everything else (handshake,
     parsing, control frames, closing) stays with wsproto.
     """
-    length = len(payload)
+    parts = payload if isinstance(payload, list) else [payload]
+    length = sum(len(part) for part in parts)
     second = 0x80 if client else 0
     if length <= 125:
         header = struct.pack("!BB", _BINARY_FIN, second | length)
@@ -106,9 +112,16 @@ def encode_binary_message(
     else:
         header = struct.pack("!BBQ", _BINARY_FIN, second | 127, length)
     if not client:
-        return [header, payload if not isinstance(payload, bytearray) else bytes(payload)]
+        return [header, *(bytes(part) if isinstance(part, bytearray) else part for part in parts)]
     key = masking_key if masking_key is not None else os.urandom(4)  # RFC: unpredictable
-    return [header + key, _apply_mask(payload, key)]
+    frame: list[bytes | memoryview] = [header + key]
+    offset = 0
+    for part in parts:
+        # Each part is masked on its own, the key turned to where the part starts.
+        turn = offset % 4
+        frame.append(_apply_mask(part, key[turn:] + key[:turn]))
+        offset += len(part)
+    return frame
 
 
 class WebSocketClosed(trio.BrokenResourceError):
@@ -268,18 +281,22 @@ class WebSocketStream(trio.abc.Stream):
     # -- sending ---------------------------------------------------------------------------
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.send_all_vectored([data if not isinstance(data, bytearray) else bytes(data)])
+
+    async def send_all_vectored(self, parts: list[bytes | memoryview]) -> None:
+        """``send_all`` of the buffers joined, as one message, without joining them."""
         with self._send_conflict:
             if self._closed:
                 raise trio.ClosedResourceError("this WebSocket stream was closed")
             if self._error is not None:
                 raise copy.copy(self._error) from self._error
-            if not data:
+            if not any(parts):
                 await trio.lowlevel.checkpoint()
                 return
             if self._ws.state is not ConnectionState.OPEN:
                 await trio.lowlevel.checkpoint()
                 raise WebSocketClosed(self.close_code or CloseReason.NORMAL_CLOSURE, "closing")
-            await self._write(encode_binary_message(data, client=self._client))
+            await self._write(encode_binary_message(parts, client=self._client))
 
     def _take_owed(self) -> list[bytes]:
         """The control frames owed to the peer, as one buffer (none if nothing is owed)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -39,6 +39,11 @@ class FrameWriter:
         self._on_written = on_written
         # For TCP, frames can be written straight to the socket (see _write_now).
         self._socket = transport.socket if isinstance(transport, trio.SocketStream) else None
+        # A transport that takes several buffers as one write (a WebSocket: one message)
+        # gets the frames where they lie, not joined into one copy first.
+        self._send_all_vectored: Callable[[Buffers], Awaitable[None]] | None = getattr(
+            transport, "send_all_vectored", None
+        )
         self._wakeup: trio.Event | None = None
         self._unsent: Buffers = []
         self._closing = False
@@ -108,6 +113,8 @@ class FrameWriter:
                         await self._send_vectored(unsent)
                     elif self._socket is not None:
                         await self._send_vectored(conn.frames_to_send(WRITE_BATCH))
+                    elif self._send_all_vectored is not None:
+                        await self._send_all_vectored(conn.frames_to_send(WRITE_BATCH))
                     else:
                         await self._transport.send_all(conn.data_to_send(WRITE_BATCH))
                     self.started = math.inf
