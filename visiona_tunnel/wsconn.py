@@ -170,7 +170,7 @@ class WebSocketStream(trio.abc.Stream):
         # On TCP, header and payload go out with one sendmsg, without joining them.
         self._socket = transport.socket if isinstance(transport, trio.SocketStream) else None
         self.max_message_size = max_message_size
-        self._chunks = ChunkBuffer()
+        self._chunks = ChunkBuffer(coalesce=True)
         self._message_size = 0
         # What we owe the peer: the pong to its latest ping (RFC 6455 5.5.3 lets us answer
         # only the most recent one, so a ping flood costs no memory), and close frames.
