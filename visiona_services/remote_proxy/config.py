@@ -34,15 +34,44 @@ def _api_url(instance: object, attribute: attrs.Attribute[str], value: str) -> N
             raise ValueError(f"{variable}: {exc}") from None
 
 
-def parse_static_tokens(text: str) -> dict[str, str]:
-    """``"tokenA=device-1,tokenB=device-2"`` -> ``{"tokenA": "device-1", ...}``."""
+def parse_static_tokens(
+    text: str, *, separator: str = ",", source: str = "VISIONA_PROXY_STATIC_TOKENS"
+) -> dict[str, str]:
+    """``"tokenA=device-1,tokenB=device-2"`` -> ``{"tokenA": "device-1", ...}``; with
+    ``separator="\n"``, one ``token=device`` per line, blank lines and ``#`` comments
+    skipped. A token given twice is an error (which device would it be?); the message
+    never shows a token, only where it is."""
     tokens: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for number, line in enumerate(text.split(separator), start=1):
+        item = line.strip()
+        if not item or (separator == "\n" and item.startswith("#")):
+            continue
+        where = f"{source}, line {number}" if separator == "\n" else f"{source}, item {number}"
         token, sep, device = item.partition("=")
         if not sep or not token.strip() or not device.strip():
-            raise ValueError(f"VISIONA_PROXY_STATIC_TOKENS: expected token=device, got {item!r}")
+            raise ValueError(f"{where}: expected token=device")
+        if token.strip() in tokens:
+            raise ValueError(f"{where}: this token is given twice")
         tokens[token.strip()] = device.strip()
     return tokens
+
+
+def read_static_tokens_file(path: str) -> dict[str, str]:
+    """The ``token=device`` lines of ``path`` (:envvar:`VISIONA_PROXY_STATIC_TOKENS_FILE`).
+
+    Raises:
+        ValueError: the file cannot be read, or a line is malformed.
+    """
+    variable = "VISIONA_PROXY_STATIC_TOKENS_FILE"
+    try:
+        with open(path, encoding="utf-8") as file:
+            if os.fstat(file.fileno()).st_mode & 0o004:
+                logger.warning("%s: the file is readable by everyone; it holds secrets", variable)
+            text = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise ValueError(f"{variable}: cannot read {path}: {reason or exc}") from None
+    return parse_static_tokens(text, separator="\n", source=variable)
 
 
 #: ``VISIONA_ENV``'s values: the first two allow a generated internal secret.
@@ -154,6 +183,15 @@ class ProxyConfig:
             "tokenA=device-1,tokenB=device-2: the device tokens when no api-server checks them",
         ),
     )
+    #: A file of ``token=device`` lines, for more devices than an environment variable
+    #: holds (Linux caps one at 128 KiB: about 2,400 tokens).
+    static_tokens_file: str = attrs.field(
+        default="",
+        metadata=env(
+            "VISIONA_PROXY_STATIC_TOKENS_FILE",
+            "a file of token=device lines (# comments): more static device tokens",
+        ),
+    )
     #: The api-server's internal base URL, to verify device tokens
     #: (``POST {url}/internal/devices/verify``).
     api_internal_url: str = attrs.field(
@@ -198,9 +236,22 @@ class ProxyConfig:
     #: the console script prints it once.
     secret_generated: bool = attrs.field(default=False, repr=False)
 
-    @property
-    def tokens(self) -> dict[str, str]:
-        return parse_static_tokens(self.static_tokens)
+    def static_token_table(self) -> dict[str, str]:
+        """The static device tokens: the variable's and the file's together.
+
+        Raises:
+            ValueError: a malformed entry, an unreadable file, or a token given twice.
+        """
+        tokens = parse_static_tokens(self.static_tokens)
+        if self.static_tokens_file:
+            from_file = read_static_tokens_file(self.static_tokens_file)
+            if tokens.keys() & from_file.keys():
+                raise ValueError(
+                    "VISIONA_PROXY_STATIC_TOKENS and VISIONA_PROXY_STATIC_TOKENS_FILE: "
+                    "a token is in both"
+                )
+            tokens.update(from_file)
+        return tokens
 
     @property
     def is_dev(self) -> bool:
@@ -237,7 +288,7 @@ class ProxyConfig:
         """
         config = load(cls, os.environ if environ is None else environ)
         try:
-            config.tokens  # noqa: B018 - validates the token list at start
+            config.static_token_table()  # validated at start
             config.tunnel_ssl_context()
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc

@@ -124,9 +124,10 @@ def verifier_from_config(config: ProxyConfig) -> TokenVerifier:
     """``VISIONA_API_INTERNAL_URL`` set: ask the api-server; otherwise the static tokens."""
     if config.api_internal_url:
         return ApiServerVerifier(config.api_internal_url, config.internal_secret)
-    if not config.tokens:
+    tokens = config.static_token_table()
+    if not tokens:
         logger.warning("no VISIONA_API_INTERNAL_URL and no static tokens: every agent is refused")
-    return StaticTokenVerifier(config.tokens)
+    return StaticTokenVerifier(tokens)
 
 
 __all__ = [

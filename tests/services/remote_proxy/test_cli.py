@@ -77,6 +77,7 @@ def test_an_unknown_argument_is_one_line_exit_2_without_its_value(args: list[str
         ("VISIONA_ENV", "staging"),
         ("VISIONA_PROXY_FORWARD_TIMEOUT", "-1"),
         ("VISIONA_PROXY_STATIC_TOKENS", "no-equals-sign"),
+        ("VISIONA_PROXY_STATIC_TOKENS_FILE", "/nonexistent/tokens"),
     ],
 )
 def test_a_bad_value_is_one_line_and_exit_2_naming_it(variable: str, value: str) -> None:

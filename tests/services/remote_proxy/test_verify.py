@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import trio
@@ -151,6 +152,52 @@ def test_config_with_api_url_asks_the_api_server() -> None:
     verifier = verifier_from_config(config)
     assert isinstance(verifier, ApiServerVerifier)
     assert (verifier.host, verifier.port) == ("api", 3721)
+
+
+def write_tokens(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "tokens"
+    path.write_text(text)
+    path.chmod(0o600)
+    return str(path)
+
+
+async def test_static_tokens_come_from_a_file_too_beyond_what_a_variable_holds(
+    tmp_path: Path,
+) -> None:
+    lines = [f"token-{n:05d}-{'x' * 40}=device-{n}" for n in range(10_000)]  # ~600 KB
+    path = write_tokens(tmp_path, "# devices\n\n" + "\n".join(lines) + "\n")
+    config = ProxyConfig.from_env(
+        {
+            "VISIONA_INTERNAL_SECRET": SECRET,
+            "VISIONA_PROXY_STATIC_TOKENS": "env-token=device-env",
+            "VISIONA_PROXY_STATIC_TOKENS_FILE": path,
+        }
+    )
+    verifier = verifier_from_config(config)
+    assert await verifier(f"token-09999-{'x' * 40}") == "device-9999"
+    assert await verifier("env-token") == "device-env"
+    assert await verifier("# devices") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("good=device-1\nsecret-token-without-device\n", "line 2: expected token=device"),
+        ("secret-token=device-1\nsecret-token=device-2\n", "line 2: this token is given twice"),
+        ("env-token=device-3\n", "a token is in both"),
+    ],
+)
+def test_a_bad_tokens_file_is_refused_at_start_without_showing_a_token(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    environ = {
+        "VISIONA_INTERNAL_SECRET": SECRET,
+        "VISIONA_PROXY_STATIC_TOKENS": "env-token=device-env",
+        "VISIONA_PROXY_STATIC_TOKENS_FILE": write_tokens(tmp_path, text),
+    }
+    with pytest.raises(ConfigError, match=message) as caught:
+        ProxyConfig.from_env(environ)
+    assert "secret-token" not in str(caught.value) and "env-token" not in str(caught.value)
 
 
 async def test_config_without_api_url_uses_static_tokens() -> None:
