@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from support.tunnelhttp import http_request
 
 from visiona_tunnel import (
@@ -25,6 +26,8 @@ from visiona_tunnel import (
 from visiona_tunnel.limits import AttemptLimit
 from visiona_tunnel.listener import Admit
 from visiona_tunnel.wsconn import (
+    CLOSE_REPLACED,
+    WebSocketClosed,
     WebSocketRejected,
     WebSocketStream,
     client_handshake,
@@ -279,3 +282,77 @@ async def test_every_refused_upgrade_is_told_to_on_refusal() -> None:
 
     await refuse_upgrade(admit_with(nobody), "/tunnel/connect?token=x", on_refusal=on_refusal)
     assert told == [401]
+
+
+# -- dials that went stale while their token was checked ------------------------------------
+
+
+async def test_a_tunnel_dialed_before_the_live_one_never_replaces_it() -> None:
+    """A slow token check for an older dial ends after the agent is back by a newer one:
+    the older one is closed as replaced, the live tunnel stays."""
+    older_checked = trio.Event()
+
+    async def admit(request: ListenerRequest) -> str | Refusal:
+        if request.token == "older":
+            await older_checked.wait()
+        await trio.lowlevel.checkpoint()
+        return "device"
+
+    registry = TunnelRegistry()
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(serve_tunnel_listener, registry, admit, host="127.0.0.1", port=0)
+        urls: list[str] = await nursery.start(serve)
+        url = urls[0] + "/tunnel/connect?token="
+        with trio.fail_after(TIMEOUT):
+            older: list[WebSocketStream] = []
+            older_upgraded = trio.Event()
+
+            async def dial_older() -> None:
+                older.append(await connect_websocket_stream(url + "older"))
+                older_upgraded.set()
+
+            nursery.start_soon(dial_older)
+            await trio.testing.wait_all_tasks_blocked()
+            newer = await connect_websocket_stream(url + "newer")
+            live = await registry.wait_for("device")
+            older_checked.set()
+            await older_upgraded.wait()
+            with pytest.raises(WebSocketClosed) as closed:
+                await older[0].receive_some()
+            assert closed.value.code == CLOSE_REPLACED
+            assert registry.get("device") is live
+            await older[0].aclose()
+            await newer.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_agent_that_left_during_its_token_check_gets_no_tunnel() -> None:
+    checking = trio.Event()
+    left = trio.Event()
+    admitted: list[str] = []
+
+    async def admit(request: ListenerRequest) -> str | Refusal:
+        checking.set()
+        await left.wait()
+        admitted.append("device")
+        return "device"
+
+    registry = TunnelRegistry()
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(serve_tunnel_listener, registry, admit, host="127.0.0.1", port=0)
+        urls: list[str] = await nursery.start(serve)
+        port = int(urls[0].rsplit(":", 1)[1])
+        with trio.fail_after(TIMEOUT):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(
+                b"GET /tunnel/connect?token=t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n\r\n"
+            )
+            await checking.wait()
+            await stream.aclose()  # the agent's connect timeout
+            left.set()
+            await trio.testing.wait_all_tasks_blocked()
+        assert admitted == ["device"]
+        assert registry.get("device") is None
+        nursery.cancel_scope.cancel()

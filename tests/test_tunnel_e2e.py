@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from typing import cast
 
 import pytest
@@ -30,6 +31,7 @@ from support.tunnelhttp import LocalServer, closed_port, start_local_server
 from visiona_tunnel.client import (
     ClientConfig,
     ClientState,
+    RelayBusy,
     Replaced,
     TokenRefused,
     TunnelClient,
@@ -240,7 +242,7 @@ async def test_agent_comes_back_after_the_relay_restarts(
 async def test_replaced_agent_gets_replaced_and_backs_off(
     nursery: trio.Nursery, relay: PyRelay, local: LocalServer
 ) -> None:
-    slow = ClientConfig(backoff_base=60.0, backoff_cap=60.0)
+    slow = ClientConfig(backoff_base=60.0, backoff_cap=60.0, backoff_jitter=0.0)
     with trio.fail_after(TEST_TIMEOUT):
         older = await start_agent(nursery, relay.url, local.port, config=slow)
         await older.hooks.wait_for("session_up")
@@ -269,7 +271,7 @@ async def test_two_agents_sharing_a_token_do_not_flap(
 ) -> None:
     """Each replacement doubles the replaced agent's delay, so over a window of ``period``
     seconds each agent dials about log2(period / base) times, not hundreds."""
-    config = ClientConfig(backoff_base=0.05, backoff_cap=30.0)
+    config = ClientConfig(backoff_base=0.05, backoff_cap=30.0, backoff_jitter=0.0)
     period = 1.5
     with trio.fail_after(TEST_TIMEOUT):
         one = await start_agent(nursery, relay.url, local.port, config=config)
@@ -302,20 +304,21 @@ async def test_bad_token_is_refused_and_backs_off_by_the_cap(
 async def test_hooks_fire_in_order_through_up_down_fail_retry_up(
     nursery: trio.Nursery, relay: PyRelay, local: LocalServer
 ) -> None:
-    config = ClientConfig(backoff_base=0.3, backoff_cap=0.3)
+    config = ClientConfig(backoff_base=0.3, backoff_cap=0.3, backoff_jitter=0.0, redial_spread=0.2)
     with trio.fail_after(TEST_TIMEOUT):
         agent = await start_agent(nursery, relay.url, local.port, config=config)
         await agent.hooks.wait_for("session_up")
         await relay.stop()
-        await agent.hooks.wait_for("retry_scheduled")
+        await agent.hooks.wait_for("dial_failed")
         await relay.start(nursery)  # the redial in 0.3 s finds it
         await agent.hooks.wait_for("session_up")
-    events = agent.hooks.events[:8]  # what stop() adds is another test's
+    events = agent.hooks.events[:9]  # what stop() adds is another test's
     names = [event[0] for event in events]
     assert names == [
         "dial_attempt",
         "session_up",
         "session_down",
+        "retry_scheduled",
         "dial_attempt",
         "dial_failed",
         "retry_scheduled",
@@ -323,14 +326,70 @@ async def test_hooks_fire_in_order_through_up_down_fail_retry_up(
         "session_up",
     ]
     assert events[0] == ("dial_attempt", 1)
-    assert events[3] == ("dial_attempt", 1)  # the session was up: the count starts over
-    assert isinstance(events[4][2], OSError)
-    assert events[5] == ("retry_scheduled", 1, 0.3)
-    assert events[6] == ("dial_attempt", 2)
+    # The session was up: a random moment within the spread, and the count starts over.
+    assert events[3][:2] == ("retry_scheduled", 0) and 0 <= cast(float, events[3][2]) <= 0.2
+    assert events[4] == ("dial_attempt", 1)
+    assert isinstance(events[5][2], OSError)
+    assert events[6] == ("retry_scheduled", 1, 0.3)
+    assert events[7] == ("dial_attempt", 2)
+
+
+async def test_agents_cut_off_together_redial_at_moments_spread_over_the_window(
+    nursery: trio.Nursery, local: LocalServer
+) -> None:
+    tokens = {f"token-{n}": f"device-{n}" for n in range(6)}
+    relay = await start_py_relay(nursery, tokens)
+    config = ClientConfig(redial_spread=5.0, connect_timeout=5.0)
+    with trio.fail_after(TEST_TIMEOUT):
+        agents = [
+            await start_agent(nursery, relay.url, local.port, config=config, token=token)
+            for token in tokens
+        ]
+        for agent in agents:
+            await agent.hooks.wait_for("session_up")
+        await relay.stop()
+        delays = [
+            cast(float, (await agent.hooks.wait_for("retry_scheduled"))[2]) for agent in agents
+        ]
+    assert all(0 <= delay <= 5.0 for delay in delays)
+    assert len(set(delays)) == len(delays)  # not in lock-step
+
+
+async def serve_busy_relay(nursery: trio.Nursery, retry_after: bytes) -> int:
+    """A relay over its handshake cap: every upgrade is answered 503 with ``Retry-After``."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some()
+            await stream.send_all(
+                b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: "
+                + retry_after
+                + b"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+
+    listeners = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+    return cast(int, listeners[0].socket.getsockname()[1])
+
+
+async def test_a_busy_relay_is_redialled_no_sooner_than_its_retry_after_and_spread_above_it(
+    nursery: trio.Nursery,
+) -> None:
+    port = await serve_busy_relay(nursery, b"7")
+    config = ClientConfig(backoff_base=1.0, backoff_jitter=0.5)
+    with trio.fail_after(TEST_TIMEOUT):
+        agents = [
+            await start_agent(nursery, f"ws://127.0.0.1:{port}/tunnel/connect", 9, config=config)
+            for _ in range(8)
+        ]
+        failures = [await agent.hooks.wait_for("dial_failed") for agent in agents]
+        delays = [cast(float, (await agent.hooks.next())[2]) for agent in agents]
+    assert all(isinstance(failure[2], RelayBusy) for failure in failures)
+    assert all(7.0 <= delay <= 7.0 * 1.5 for delay in delays), delays
+    assert len(set(delays)) == len(delays)
 
 
 async def test_stop_during_backoff_returns_at_once(nursery: trio.Nursery) -> None:
-    config = ClientConfig(backoff_base=30.0, backoff_cap=30.0)
+    config = ClientConfig(backoff_base=30.0, backoff_cap=30.0, backoff_jitter=0.0)
     url = f"ws://127.0.0.1:{closed_port()}/tunnel/connect"
     with trio.fail_after(TEST_TIMEOUT):
         hooks = HookRecorder()

@@ -10,7 +10,15 @@ api-server) and :mod:`~visiona_tunnel.credentials` (where the agent keeps it).
 """
 
 from . import yamux
-from .client import ClientConfig, ClientHooks, ClientState, Replaced, TokenRefused, TunnelClient
+from .client import (
+    ClientConfig,
+    ClientHooks,
+    ClientState,
+    RelayBusy,
+    Replaced,
+    TokenRefused,
+    TunnelClient,
+)
 from .credentials import (
     CredentialsError,
     DeviceCredentials,
@@ -67,6 +75,7 @@ __all__ = [
     "PairingResult",
     "PairingUnavailable",
     "Refusal",
+    "RelayBusy",
     "Replaced",
     "TokenRefused",
     "TokenVerifier",

@@ -194,8 +194,8 @@ def build_parser(environ: Mapping[str, str] | None = None) -> argparse.ArgumentP
     parser.add_argument(
         "--jitter",
         type=parse_jitter,
-        default=0.2,
-        help="backoff jitter fraction, 0 to 1 (default: 0.2)",
+        default=ClientConfig().backoff_jitter,
+        help="backoff jitter fraction, 0 to 1 (default: %(default)s)",
     )
     parser.add_argument(
         "--log-level",

@@ -3,10 +3,13 @@
 Mirrors the Go client the project started from: dial ``ws(s)://relay/tunnel/connect`` with
 the device token, run a yamux *client* session over the WebSocket, and answer each stream
 the relay opens (one HTTP/1.1 request, or a WebSocket upgrade piped raw) from the local
-server. Reconnects forever: with backoff after a failed dial, at once after a session that
-was up ends, except when the relay says this connection was *replaced* by a newer one for
-the same token (close code :data:`~visiona_tunnel.wsconn.CLOSE_REPLACED`) or refuses the
-token (HTTP 401/403): then it backs off, so two agents sharing a token cannot flap.
+server. Reconnects forever: with jittered backoff after a failed dial (never sooner than a
+busy relay's ``Retry-After``), and after a session that was up ends within a random moment
+(``redial_spread``), so that a fleet cut off together -- a relay restart -- comes back
+spread out instead of in lock-step. When the relay says this connection was *replaced* by
+a newer one for the same token (close code :data:`~visiona_tunnel.wsconn.CLOSE_REPLACED`)
+or refuses the token (HTTP 401/403), it backs off, so two agents sharing a token cannot
+flap.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import random
 import ssl
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -27,6 +31,7 @@ import trio
 from . import yamux
 from .agent_stream import serve_tunnel_stream
 from .backoff import backoff
+from .retry_after import parse_retry_after
 from .wsconn import (
     CLOSE_REPLACED,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -66,6 +71,16 @@ class TokenRefused(Exception):
         self.status_code = status_code
 
 
+class RelayBusy(trio.BrokenResourceError):
+    """The relay answered the upgrade 429 or 503 (over a handshake cap, at capacity, or
+    unable to check tokens now); ``retry_after``: the seconds its ``Retry-After`` asked."""
+
+    def __init__(self, status_code: int, retry_after: float | None) -> None:
+        super().__init__(f"relay answered HTTP {status_code}")
+        self.status_code = status_code
+        self.retry_after = retry_after
+
+
 class Replaced(Exception):
     """The relay closed this tunnel because a newer one with the same token arrived."""
 
@@ -85,10 +100,14 @@ class ClientHooks:
 class ClientConfig:
     yamux: yamux.Config = TUNNEL_YAMUX_CONFIG
     #: Backoff between failed dials: ``base * 2**(n-1)`` capped at ``cap``; ``jitter`` takes
-    #: up to that fraction off each delay at random.
+    #: up to that fraction off each delay at random (or adds it to a busy relay's
+    #: ``Retry-After``, which is never cut short).
     backoff_base: float = 1.0
     backoff_cap: float = 30.0
-    backoff_jitter: float = 0.0
+    backoff_jitter: float = 0.5
+    #: After a session that was up ends, the first redial waits a random 0 to this many
+    #: seconds (0: at once).
+    redial_spread: float = 1.0
     #: Dial plus WebSocket handshake must finish within this.
     connect_timeout: float = 10.0
     #: A forwarded request with no byte moving either way for this long is abandoned.
@@ -219,6 +238,12 @@ class TunnelClient:
                 if isinstance(exc, TokenRefused):
                     logger.error("relay refused the token", extra={"status": exc.status_code})
                     delay = self.config.backoff_cap
+                elif isinstance(exc, RelayBusy) and exc.retry_after is not None:
+                    logger.warning(
+                        "relay busy",
+                        extra={"status": exc.status_code, "retry_after": exc.retry_after},
+                    )
+                    delay = self._busy_backoff(attempt, exc.retry_after)
                 else:
                     logger.warning("dial failed", extra={"attempt": attempt, "error": repr(exc)})
                     delay = self._backoff(attempt)
@@ -233,7 +258,9 @@ class TunnelClient:
                 # Another agent holds the same token: back off instead of taking it back.
                 await self._retry_after(attempt, self._backoff(attempt))
                 continue
-            attempt = 0  # a session was up: redial at once
+            attempt = 0  # a session was up: redial soon, at a random moment
+            if self.config.redial_spread:
+                await self._retry_after(0, random.uniform(0.0, self.config.redial_spread))
 
     async def _retry_after(self, attempt: int, delay: float) -> None:
         self._set_state(ClientState.RECONNECTING)
@@ -247,6 +274,13 @@ class TunnelClient:
             attempt, base=config.backoff_base, cap=config.backoff_cap, jitter=config.backoff_jitter
         )
 
+    def _busy_backoff(self, attempt: int, retry_after: float) -> float:
+        """Not before the relay's ``Retry-After`` (nor the backoff), spread by the jitter
+        above it: a storm the relay turned away comes back over a window, not at once."""
+        config = self.config
+        delay = max(retry_after, backoff(attempt, base=config.backoff_base, cap=config.backoff_cap))
+        return delay * (1.0 + random.uniform(0.0, config.backoff_jitter))
+
     async def _dial(self) -> WebSocketStream:
         separator = "&" if "?" in self.relay_url else "?"
         url = f"{self.relay_url}{separator}token={quote(self.token, safe='')}"
@@ -259,6 +293,9 @@ class TunnelClient:
         except WebSocketRejected as exc:
             if exc.status_code in (401, 403):
                 raise TokenRefused(exc.status_code) from exc
+            if exc.status_code in (429, 503):
+                retry_after = parse_retry_after(_header(exc.headers, b"retry-after"))
+                raise RelayBusy(exc.status_code, retry_after) from exc
             raise trio.BrokenResourceError(f"relay answered HTTP {exc.status_code}") from exc
 
     async def _serve(self, ws: WebSocketStream) -> BaseException | None:
@@ -313,8 +350,16 @@ __all__ = [
     "ClientConfig",
     "ClientHooks",
     "ClientState",
+    "RelayBusy",
     "Replaced",
     "TokenRefused",
     "TunnelClient",
     "check_relay_url",
 ]
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import select
 import socket
 import ssl
 from collections.abc import Callable
@@ -228,13 +229,21 @@ class ListenerConnection:
         place: Place,
     ) -> None:
         """Admit, upgrade, and run the tunnel until it ends; closes the connection."""
+        dialed_at = trio.current_time()
         try:
             with trio.fail_after(self.handshake_timeout + self.admit_timeout):
+                if _peer_gone(tcp):  # waited in a queue until its agent gave up
+                    await trio.aclose_forcefully(stream)
+                    return
                 upgrade = await self._upgrade(stream, conn, head, request, extra, place.address)
                 if upgrade is None:
                     await trio.aclose_forcefully(stream)
                     return
                 key, ws_request = upgrade
+                if _peer_gone(tcp):  # gave up while its token was checked: not a tunnel
+                    logger.info("agent left during its handshake", extra={"key": key})
+                    await trio.aclose_forcefully(stream)
+                    return
                 ws = await ws_request.accept(headers=extra, max_message_size=self.max_message_size)
             # The socket outlives the WebSocket's aclose (see close_and_drain).
             spare = tcp.socket.dup()
@@ -244,7 +253,7 @@ class ListenerConnection:
             await trio.aclose_forcefully(stream)
             raise
         try:
-            await self.registry.serve(key, ws, remote_address=request.remote)
+            await self.registry.serve(key, ws, remote_address=request.remote, dialed_at=dialed_at)
         finally:
             with trio.move_on_after(self.drain_timeout) as drain:
                 await close_and_drain(ws, spare)
@@ -350,6 +359,14 @@ def _prepare(tcp: trio.SocketStream, tcp_user_timeout: float | None) -> tuple[st
     except OSError:
         return None, ""
     return f"{host}:{port}", str(host)
+
+
+def _peer_gone(tcp: trio.SocketStream) -> bool:
+    """Whether the client has closed its side (an agent that gave up on a slow handshake):
+    a poll that never waits. Bytes it sent after its request do not count."""
+    poller = select.poll()
+    poller.register(tcp.socket.fileno(), select.POLLRDHUP)
+    return any(events & (select.POLLRDHUP | select.POLLHUP) for _, events in poller.poll(0))
 
 
 def _is_websocket_upgrade(request: h11.Request) -> bool:

@@ -37,9 +37,7 @@ import logging
 import math
 import re
 import ssl
-import time
 from collections.abc import Callable
-from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 import attrs
@@ -48,6 +46,7 @@ import trio
 
 from .backoff import backoff
 from .client import check_relay_url
+from .retry_after import MAX_RETRY_AFTER, parse_retry_after
 
 __all__ = [
     "EXCHANGE_PATH",
@@ -82,8 +81,6 @@ PAIRING_TOKEN_PATTERN = re.compile(r"vAc_[0-9a-f]{32}")
 MAX_RESPONSE_SIZE = 64 * 1024
 #: One attempt (connect, TLS, request, whole answer) must finish within this many seconds.
 EXCHANGE_TIMEOUT = 15.0
-#: A ``Retry-After`` longer than this (seconds) is taken as this.
-MAX_RETRY_AFTER = 3600.0
 #: The longest server message kept in an error (they are logged).
 _MAX_MESSAGE = 200
 _USER_AGENT = "visiona-agent (visiona_tunnel.pairing)"
@@ -296,24 +293,6 @@ class PairingExchange:
                     status=self._status,
                 )
             # InformationalResponse (100 Continue ...): wait for the real one.
-
-
-def parse_retry_after(value: bytes | None, *, now: float | None = None) -> float | None:
-    """``Retry-After`` (seconds, or an HTTP date) -> seconds from ``now`` (default: the
-    clock), within ``[0, MAX_RETRY_AFTER]``; None if absent or not understood."""
-    if value is None:
-        return None
-    text = value.decode("latin-1").strip()
-    if text.isascii() and text.isdigit():
-        return min(float(int(text)), MAX_RETRY_AFTER) if len(text) < 12 else MAX_RETRY_AFTER
-    try:
-        moment = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if moment.tzinfo is None:
-        return None
-    seconds = moment.timestamp() - (time.time() if now is None else now)
-    return min(max(seconds, 0.0), MAX_RETRY_AFTER)
 
 
 def interpret_exchange_response(

@@ -112,11 +112,14 @@ class Tunnel:
         ws: TunnelTransport,
         counter: _CountingStream,
         remote_address: str | None,
+        dialed_at: float,
     ) -> None:
         self.key = key
         self.session = session
         self.remote_address = remote_address
         self.connected_since = time.time()
+        #: When the agent asked for this tunnel (trio's clock): the newer of two wins.
+        self.dialed_at = dialed_at
         #: Set when a newer tunnel for the same key took this one's place.
         self.replaced = False
         self._ws = ws
@@ -241,13 +244,27 @@ class TunnelRegistry:
         ws: TunnelTransport,
         *,
         remote_address: str | None = None,
+        dialed_at: float | None = None,
         task_status: trio.TaskStatus[Tunnel] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run the tunnel of ``key`` over ``ws`` until it ends (or is replaced)."""
+        """Run the tunnel of ``key`` over ``ws`` until it ends (or is replaced).
+
+        A newer connection replaces the tunnel of the same key; ``dialed_at`` (trio's clock:
+        when the agent asked for the tunnel, default now) says which is newer. A tunnel
+        dialed before the live one -- a handshake that took long, its agent meanwhile back
+        by another connection -- never replaces it: it is closed at once as replaced."""
+        dialed_at = trio.current_time() if dialed_at is None else dialed_at
         counter = _CountingStream(ws)
+        previous = self._tunnels.get(key)
+        if previous is not None and previous.dialed_at > dialed_at:
+            logger.info("stale tunnel refused", extra={"key": key, "remote": remote_address})
+            counter.close_code = CLOSE_REPLACED
+            counter.close_reason = "a newer connection holds this tunnel"
+            await counter.aclose()
+            return
         async with yamux.open_session(counter, client=False, config=self.config) as session:
             counter.session = session
-            tunnel = Tunnel(key, session, ws, counter, remote_address)
+            tunnel = Tunnel(key, session, ws, counter, remote_address, dialed_at)
             previous = self._tunnels.get(key)
             self._tunnels[key] = tunnel
             self._notify(TunnelUp(key, tunnel))

@@ -416,7 +416,7 @@ async def test_py_agent_comes_back_after_the_go_relay_restarts(
 async def test_py_agent_replaced_backs_off(
     nursery: trio.Nursery, go_relay: GoRelay, local: LocalServer
 ) -> None:
-    slow = ClientConfig(backoff_base=60.0, backoff_cap=60.0)
+    slow = ClientConfig(backoff_base=60.0, backoff_cap=60.0, backoff_jitter=0.0)
     with trio.fail_after(TEST_TIMEOUT):
         older = await start_py_agent(nursery, go_relay.tunnel_url, TOKEN, local.port, config=slow)
         await older.hooks.wait_for("session_up")

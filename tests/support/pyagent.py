@@ -11,7 +11,14 @@ import trio
 from visiona_tunnel.client import ClientConfig, ClientHooks, TunnelClient
 
 #: Short backoff so that reconnects happen within a test.
-FAST = ClientConfig(backoff_base=0.05, backoff_cap=0.5, connect_timeout=5.0)
+#: No jitter: tests of the backoff read its delays (the jitter has tests of its own).
+FAST = ClientConfig(
+    backoff_base=0.05,
+    backoff_cap=0.5,
+    backoff_jitter=0.0,
+    redial_spread=0.05,
+    connect_timeout=5.0,
+)
 
 #: How long one wait for a hook may take.
 HOOK_TIMEOUT = 10.0
