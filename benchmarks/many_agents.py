@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import logging
 import os
 import random
 import resource
@@ -103,6 +105,7 @@ async def _serve_local(stream: trio.SocketStream) -> None:
 
 async def run_agents(relay_url: str, first: int, count: int) -> None:
     """``count`` agents, tokens ``token-<first>`` ..., until stdin closes."""
+    logging.getLogger("visiona_tunnel").setLevel(logging.CRITICAL)  # thousands of agents
     dials = 0
     online = 0
 
@@ -120,7 +123,9 @@ async def run_agents(relay_url: str, first: int, count: int) -> None:
 
     hooks = ClientHooks(on_dial_attempt=dialled, on_session_up=up, on_session_down=down)
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(trio.serve_tcp, _serve_local, 0, HOST)
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, _serve_local, 0, host=HOST)
+        )
         local = (HOST, listeners[0].socket.getsockname()[1])
         for n in range(first, first + count):
             client = TunnelClient(
@@ -167,7 +172,6 @@ class Load:
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
             text=True,
             env={**os.environ, "VISIONA_LOG_LEVEL": "critical"},
         )
@@ -234,7 +238,8 @@ class Proxy:
     def tunnels(self) -> int | None:
         """Live tunnels (``/internal/health``), None if it does not answer."""
         try:
-            return int(self.client.get("/internal/health", timeout=5).json()["tunnels"])
+            answer = self.client.get("/internal/health", timeout=5).json()
+            return int(answer["data"]["tunnels"])
         except (httpx.HTTPError, ValueError, KeyError):
             return None
 
@@ -275,10 +280,12 @@ def _free_ports(count: int) -> list[int]:
             each.close()
 
 
-def _wait_for(proxy: Proxy, count: int, limit: float) -> float | None:
+def _wait_for(proxy: Proxy, count: int, limit: float, loads: Sequence[Load]) -> float | None:
     """Seconds until the proxy holds ``count`` tunnels, None after ``limit``."""
     start = time.monotonic()
     while time.monotonic() - start < limit:
+        if any(load.proc.poll() is not None for load in loads):
+            raise RuntimeError("a load process exited")
         if (proxy.tunnels() or 0) >= count:
             return time.monotonic() - start
         time.sleep(0.1)
@@ -374,7 +381,7 @@ def measure(agents: int, loads: int, forwards: int, restart: bool, limit: float)
                 Load(relay_url, first, min(share, agents - first))
                 for first in range(0, agents, share)
             ]
-            record["connect_s"] = _wait_for(proxy, agents, limit)
+            record["connect_s"] = _wait_for(proxy, agents, limit, running)
             record["connect_dials_per_agent"] = _dials(running) / agents
             if record["connect_s"] is None:
                 record["connected"] = proxy.tunnels()
@@ -395,7 +402,7 @@ def measure(agents: int, loads: int, forwards: int, restart: bool, limit: float)
                 proxy.stop()
                 with _health_poller(proxy) as latencies:
                     proxy.start()
-                    back = _wait_for(proxy, agents, limit)
+                    back = _wait_for(proxy, agents, limit, running)
                     time.sleep(1)
                 record["restart_back_s"] = back
                 record["restart_dials_per_agent"] = (_dials(running) - dials_before) / agents
