@@ -243,6 +243,15 @@ class Proxy:
         except (httpx.HTTPError, ValueError, KeyError):
             return None
 
+    def gc_pauses(self) -> dict[str, float]:
+        """The garbage collector's longest pause and total pause so far (``/metrics``), s."""
+        found: dict[str, float] = {}
+        for line in self.client.get("/metrics").text.splitlines():
+            for name in ("visiona_gc_longest_pause_seconds", "visiona_gc_pause_seconds_total"):
+                if line.startswith(name + '{generation="2"}'):
+                    found[name] = float(line.split()[-1])
+        return found
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -397,6 +406,11 @@ def measure(agents: int, loads: int, forwards: int, restart: bool, limit: float)
                     100 * (cpu_end - cpu_start) / (time.monotonic() - wall_start)
                 )
             record["forwards"] = _forwards(proxy, agents, forwards)
+            pauses = proxy.gc_pauses()
+            record["gc_longest_full_pause_ms"] = 1000 * pauses.get(
+                "visiona_gc_longest_pause_seconds", float("nan")
+            )
+            record["gc_full_pauses_s"] = pauses.get("visiona_gc_pause_seconds_total")
             if restart:
                 dials_before = _dials(running)
                 proxy.stop()
@@ -436,6 +450,7 @@ def _row(record: dict[str, Any]) -> str:
         f"{num('restart_back_s')} s",
         num("restart_dials_per_agent", 2),
         f"{num('restart_health_max_ms', 0)} ms",
+        f"{num('gc_longest_full_pause_ms', 0)} ms",
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -465,9 +480,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(
         "| agents | cold connect | proxy RSS | RSS per tunnel | idle CPU | forward p50 / p99 / "
-        "max (ms) | restart: all back | dials per agent | slowest /internal/health |"
+        "max (ms) | restart: all back | dials per agent | slowest /internal/health | "
+        "longest full GC pause |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     records = []
     for agents in (int(n) for n in args.agents.split(",")):
         record = measure(agents, args.loads, args.forwards, not args.no_restart, args.limit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ from visiona_tunnel import (
 )
 from visiona_tunnel.limits import AttemptLimit
 from visiona_tunnel.listener import Admit
+from visiona_tunnel.relay import TunnelDown
 from visiona_tunnel.wsconn import (
     CLOSE_REPLACED,
     WebSocketClosed,
@@ -355,4 +357,28 @@ async def test_an_agent_that_left_during_its_token_check_gets_no_tunnel() -> Non
             await trio.testing.wait_all_tasks_blocked()
         assert admitted == ["device"]
         assert registry.get("device") is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_tunnel_holds_one_descriptor_on_the_listener_side() -> None:
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    registry = TunnelRegistry()
+    ended = trio.Event()
+    registry.add_observer(lambda event: ended.set() if isinstance(event, TunnelDown) else None)
+    async with trio.open_nursery() as nursery:
+        serve = functools.partial(
+            serve_tunnel_listener, registry, admit_with(anyone), host="127.0.0.1", port=0
+        )
+        urls: list[str] = await nursery.start(serve)
+        before = descriptors()
+        with trio.fail_after(TIMEOUT):
+            agent = await connect_websocket_stream(urls[0] + "/tunnel/connect?token=t")
+            await registry.wait_for("device")
+            assert descriptors() - before == 2  # the agent's socket and the listener's
+            await agent.aclose()
+            await ended.wait()
+            await trio.testing.wait_all_tasks_blocked()  # the listener drains and closes
+            assert descriptors() == before
         nursery.cancel_scope.cancel()

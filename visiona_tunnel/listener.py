@@ -105,14 +105,13 @@ TCP_USER_TIMEOUT = 30.0
 
 
 def tunnel_capacity(max_handshakes: int = MAX_HANDSHAKES) -> int:
-    """How many tunnels this process has descriptors for: each holds two (its socket, and
-    the copy that reads the agent's last bytes after our close), after ``max_handshakes``
-    and :data:`DESCRIPTOR_HEADROOM` (``RLIMIT_NOFILE``'s soft limit; raise it to serve
-    more)."""
+    """How many tunnels this process has descriptors for: one each (its socket), after
+    ``max_handshakes`` and :data:`DESCRIPTOR_HEADROOM` (``RLIMIT_NOFILE``'s soft limit;
+    raise it to serve more)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 1 << 20
-    return max(1, (soft - DESCRIPTOR_HEADROOM - max_handshakes) // 2)
+    return max(1, soft - DESCRIPTOR_HEADROOM - max_handshakes)
 
 
 async def serve_tunnel_listener(

@@ -47,8 +47,9 @@ async def close_and_drain(ws: WebSocketStream, sock: trio.socket.SocketType) -> 
     """End an accepted tunnel's connection so the agent gets our close code.
 
     Sends our close frame (unless one was sent, e.g. 4001 on replacement), then half-closes
-    ``sock`` -- a ``dup()`` of the connection's socket, taken at accept, which outlives
-    ``ws.aclose()`` -- and reads (and drops) what the agent still sends until it hangs up.
+    ``sock`` -- the connection's socket, which ``ws.aclose()`` only half-closes (its
+    transport is a :class:`_KeptOpen`) -- and reads (and drops) what the agent still sends
+    until it hangs up.
     Closing a socket with unread data would reset the connection, and an agent still
     writing (a ping, a window update) would see 1006 instead of our code. Closes ``sock``;
     bound it with a timeout (:data:`CLOSE_DRAIN_TIMEOUT`).
@@ -61,6 +62,35 @@ async def close_and_drain(ws: WebSocketStream, sock: trio.socket.SocketType) -> 
                 pass
     finally:
         sock.close()
+
+
+class _KeptOpen(trio.abc.HalfCloseableStream):
+    """A connection's TCP stream as the layers above it see it (TLS, h11, the WebSocket):
+    closing it sends our FIN but keeps the descriptor, which the listener closes itself
+    once the connection is over -- after reading what a tunnel's agent still sends (see
+    :func:`close_and_drain`). One descriptor per tunnel, not a ``dup()`` beside it."""
+
+    def __init__(self, tcp: trio.SocketStream) -> None:
+        self.tcp = tcp
+        #: For :class:`~visiona_tunnel.wsconn.WebSocketStream`'s vectored writes.
+        self.socket = tcp.socket
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.tcp.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.tcp.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.tcp.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.tcp.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        with contextlib.suppress(OSError):
+            self.socket.shutdown(socket.SHUT_WR)
+        await trio.lowlevel.checkpoint()
 
 
 @attrs.define
@@ -99,6 +129,7 @@ class ListenerConnection:
             await self._serve(tcp, remote, place)
         finally:
             place.give_back()
+            tcp.socket.close()  # the one descriptor (see _KeptOpen); closing again is a no-op
 
     async def _turn_away(self, tcp: trio.SocketStream) -> None:
         """Over a handshake cap: 503 at once (plain TCP; a TLS one is just closed), unread."""
@@ -119,9 +150,9 @@ class ListenerConnection:
         await trio.aclose_forcefully(tcp)
 
     async def _serve(self, tcp: trio.SocketStream, remote: str | None, place: Place) -> None:
-        stream: trio.abc.Stream = tcp
+        stream: trio.abc.Stream = _KeptOpen(tcp)
         if self.ssl_context is not None:
-            stream = trio.SSLStream(tcp, self.ssl_context, server_side=True)
+            stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_SIZE)
         keep_open = False  # True once a tunnel owns the connection
         try:
@@ -245,8 +276,6 @@ class ListenerConnection:
                     await trio.aclose_forcefully(stream)
                     return
                 ws = await ws_request.accept(headers=extra, max_message_size=self.max_message_size)
-            # The socket outlives the WebSocket's aclose (see close_and_drain).
-            spare = tcp.socket.dup()
             # A tunnel now: its place among the handshakes is free (max_tunnels bounds it).
             place.give_back()
         except BaseException:
@@ -256,7 +285,7 @@ class ListenerConnection:
             await self.registry.serve(key, ws, remote_address=request.remote, dialed_at=dialed_at)
         finally:
             with trio.move_on_after(self.drain_timeout) as drain:
-                await close_and_drain(ws, spare)
+                await close_and_drain(ws, tcp.socket)
             if drain.cancelled_caught:
                 logger.warning(
                     "agent did not answer our close", extra={"key": key, "remote": request.remote}

@@ -168,7 +168,8 @@ class WebSocketStream(trio.abc.Stream):
         self._frames = FrameReader(client=connection.client, apply_mask=_apply_mask)
         self._frames.receive_data(_buffered_frames(connection))
         # On TCP, header and payload go out with one sendmsg, without joining them.
-        self._socket = transport.socket if isinstance(transport, trio.SocketStream) else None
+        sock = getattr(transport, "socket", None)  # a SocketStream, or one standing for it
+        self._socket = sock if isinstance(sock, trio.socket.SocketType) else None
         self.max_message_size = max_message_size
         self._chunks = ChunkBuffer(coalesce=True)
         self._message_size = 0

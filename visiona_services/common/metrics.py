@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from .gcpauses import GcPauses
+
 __all__ = ["MetricSet", "exposition"]
 
 
@@ -44,6 +46,28 @@ class MetricSet:
     def gauge_of(self, name: str, help: str, read: Callable[[], float]) -> None:
         """A gauge whose value is ``read()`` when scraped."""
         self._sources.append(lambda: [GaugeMetricFamily(name, help, value=read())])
+
+    def gc_pauses(self, pauses: GcPauses) -> None:
+        """``visiona_gc_pause_seconds_total`` and ``visiona_gc_longest_pause_seconds``, by
+        generation: how long the garbage collector stopped the process."""
+
+        def families() -> list[Metric]:
+            total = CounterMetricFamily(
+                "visiona_gc_pause_seconds",
+                "Time the garbage collector stopped the process, by generation.",
+                labels=["generation"],
+            )
+            longest = GaugeMetricFamily(
+                "visiona_gc_longest_pause_seconds",
+                "The longest garbage-collection pause since start, by generation.",
+                labels=["generation"],
+            )
+            for generation in range(3):
+                total.add_metric([str(generation)], pauses.total[generation])
+                longest.add_metric([str(generation)], pauses.longest[generation])
+            return [total, longest]
+
+        self._sources.append(families)
 
     def histogram(self, name: str, help: str, buckets: Sequence[float]) -> Histogram:
         histogram = Histogram(name, help, registry=None, buckets=buckets)

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from visiona_tunnel.limits import EveryInterval
 from visiona_tunnel.relay import Tunnel, TunnelDown, TunnelEvent, TunnelRegistry, TunnelUp
 
+from ..common.gcpauses import gc_pauses
 from ..common.inflight import InFlight
 from ..common.metrics import MetricSet
 from .config import ProxyConfig
@@ -120,6 +121,7 @@ class ProxyMetrics:
             "Subscribers of the events stream (GET /internal/events).",
             lambda: subscribers.count,
         )
+        series.gc_pauses(gc_pauses())
         return metrics
 
     def value(self, name: str, **labels: str) -> float:

@@ -8,6 +8,7 @@ Waits are on events, hooks and ``InFlight.wait_idle``, each bounded.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import logging
@@ -340,6 +341,17 @@ async def test_metrics_in_openmetrics_when_asked_for(proxy: Proxy) -> None:
     assert "# TYPE visiona_tunnel_connects counter" in text
     assert "visiona_tunnel_connects_total 0.0" in text.splitlines()
     assert text.endswith("# EOF\n") and "_created" not in text
+
+
+async def test_metrics_show_the_garbage_collectors_pauses(proxy: Proxy) -> None:
+    gc.collect()  # a full collection, timed by the hook
+    with trio.fail_after(TEST_TIMEOUT):
+        response = await call(proxy.port, "GET", "/metrics")
+    lines = response.body.decode().splitlines()
+    assert "# TYPE visiona_gc_longest_pause_seconds gauge" in lines
+    longest = proxy.state.metrics.value("visiona_gc_longest_pause_seconds", generation="2")
+    total = proxy.state.metrics.value("visiona_gc_pause_seconds_total", generation="2")
+    assert 0 < longest <= total
 
 
 async def test_tunnel_byte_totals_keep_counting_after_a_tunnel_ends(
