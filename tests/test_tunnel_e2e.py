@@ -355,6 +355,26 @@ async def test_agents_cut_off_together_redial_at_moments_spread_over_the_window(
     assert len(set(delays)) == len(delays)  # not in lock-step
 
 
+@pytest.mark.parametrize(("code", "spread_on"), [(1000, False), (1001, True)])
+async def test_a_relay_going_away_spreads_the_first_redial_over_the_restart_window(
+    nursery: trio.Nursery, relay: PyRelay, local: LocalServer, code: int, spread_on: bool
+) -> None:
+    """1001: the relay is restarting, and every agent it had redials now."""
+    config = ClientConfig(redial_spread=0.0, restart_spread=60.0, backoff_base=60.0)
+    with trio.fail_after(TEST_TIMEOUT):
+        agent = await start_agent(nursery, relay.url, local.port, config=config)
+        await agent.hooks.wait_for("session_up")
+        tunnel = await relay.registry.wait_for(DEVICE)
+        await tunnel.close(code, "restarting")
+        await agent.hooks.wait_for("session_down")
+        following = await agent.hooks.next()
+    if spread_on:
+        assert following[:2] == ("retry_scheduled", 0)
+        assert 0 <= cast(float, following[2]) <= 60.0
+    else:
+        assert following == ("dial_attempt", 1)  # no spread asked for: at once
+
+
 async def serve_busy_relay(nursery: trio.Nursery, retry_after: bytes) -> int:
     """A relay over its handshake cap: every upgrade is answered 503 with ``Retry-After``."""
 

@@ -27,6 +27,7 @@ from urllib.parse import quote, urlsplit
 
 import attrs
 import trio
+from wsproto.frame_protocol import CloseReason
 
 from . import yamux
 from .agent_stream import serve_tunnel_stream
@@ -108,6 +109,9 @@ class ClientConfig:
     #: After a session that was up ends, the first redial waits a random 0 to this many
     #: seconds (0: at once).
     redial_spread: float = 1.0
+    #: The same when the relay closed the tunnel as *going away* (1001: it is restarting
+    #: or shutting down): it needs time to come back, and every agent it had redials now.
+    restart_spread: float = 5.0
     #: Dial plus WebSocket handshake must finish within this.
     connect_timeout: float = 10.0
     #: A forwarded request with no byte moving either way for this long is abandoned.
@@ -164,6 +168,8 @@ class TunnelClient:
         )
         self.hooks = hooks or ClientHooks()
         self.config = config or ClientConfig()
+        #: The close code that ended the last session (None: no close frame).
+        self._ended_by: int | None = None
         self._state = ClientState.CONNECTING
         self._stopped = False
         self._scope: trio.CancelScope | None = None
@@ -259,8 +265,11 @@ class TunnelClient:
                 await self._retry_after(attempt, self._backoff(attempt))
                 continue
             attempt = 0  # a session was up: redial soon, at a random moment
-            if self.config.redial_spread:
-                await self._retry_after(0, random.uniform(0.0, self.config.redial_spread))
+            spread = self.config.redial_spread
+            if self._ended_by == CloseReason.GOING_AWAY:
+                spread = self.config.restart_spread
+            if spread:
+                await self._retry_after(0, random.uniform(0.0, spread))
 
     async def _retry_after(self, attempt: int, delay: float) -> None:
         self._set_state(ClientState.RECONNECTING)
@@ -316,6 +325,7 @@ class TunnelClient:
                 # The session is over: requests still waiting on the local server are moot.
                 handlers.cancel_scope.cancel()
         self._session_scope = None
+        self._ended_by = ws.close_code
         if self._stopped:
             return None
         if ws.close_code == CLOSE_REPLACED:

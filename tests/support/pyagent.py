@@ -17,6 +17,7 @@ FAST = ClientConfig(
     backoff_cap=0.5,
     backoff_jitter=0.0,
     redial_spread=0.05,
+    restart_spread=0.05,
     connect_timeout=5.0,
 )
 
