@@ -405,11 +405,11 @@ def measure(agents: int, loads: int, forwards: int, restart: bool, limit: float)
                 for first in range(0, agents, share)
             ]
             record["connect_s"] = _wait_for(proxy, agents, limit, running)
-            record["connect_dials_per_agent"] = _dials(running) / agents
             if record["connect_s"] is None:
                 record["connected"] = proxy.tunnels()
                 return record
-            time.sleep(5)
+            time.sleep(5)  # the loads' status lines have caught up too
+            record["connect_dials_per_agent"] = _dials(running) / agents
             record["rss_per_tunnel_kb"] = (proxy.rss_bytes() - rss_before) / agents / 1024
             record["rss_mb"] = proxy.rss_bytes() / 2**20
             cpu_start, wall_start = cpu_seconds(proxy.pid), time.monotonic()
