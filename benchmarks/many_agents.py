@@ -224,10 +224,14 @@ class Proxy:
             "VISIONA_TUNNEL_MAX_HANDSHAKES_PER_ADDRESS": "256",
         }
         self.proc: subprocess.Popen[bytes] | None = None
-        self.client = httpx.Client(
-            base_url=f"http://{HOST}:{internal_port}",
+        self.client = self.internal_client(timeout=30)
+
+    def internal_client(self, *, timeout: float) -> httpx.Client:
+        """A client of the internal API (kept-alive connections, the secret sent)."""
+        return httpx.Client(
+            base_url=f"http://{HOST}:{self.internal_port}",
             headers={"Authorization": f"Bearer {self.secret}"},
-            timeout=30,
+            timeout=timeout,
         )
 
     def start(self) -> None:
@@ -327,11 +331,7 @@ def _forwards(proxy: Proxy, agents: int, count: int) -> dict[str, float]:
     todo = iter(range(count))
 
     def worker() -> None:
-        with httpx.Client(
-            base_url=f"http://{HOST}:{proxy.internal_port}",
-            headers={"Authorization": f"Bearer {proxy.secret}"},
-            timeout=30,
-        ) as client:
+        with proxy.internal_client(timeout=30) as client:
             while True:
                 with lock:
                     if next(todo, None) is None:
@@ -365,11 +365,7 @@ def _health_poller(proxy: Proxy) -> Iterator[list[float]]:
     done = threading.Event()
 
     def poll() -> None:
-        with httpx.Client(
-            base_url=f"http://{HOST}:{proxy.internal_port}",
-            headers={"Authorization": f"Bearer {proxy.secret}"},
-            timeout=10,
-        ) as client:
+        with proxy.internal_client(timeout=10) as client:
             while not done.wait(0.1):
                 start = time.perf_counter()
                 with contextlib.suppress(httpx.HTTPError):

@@ -7,9 +7,23 @@ import trio
 import trio.testing
 from trio.testing import wait_all_tasks_blocked
 
+from visiona_tunnel.yamux import Stream
+
 from .helpers import FIN, INITIAL_WINDOW, data, open_raw_pair, syn
 
 KiB = 1024
+
+
+def start_reading(nursery: trio.Nursery, stream: Stream, size: int, patience: float) -> list[bytes]:
+    """``stream.receive_at_least(size, size, patience)`` in a task; its answer lands in
+    the list returned."""
+    reads: list[bytes] = []
+
+    async def read() -> None:
+        reads.append(await stream.receive_at_least(size, size, patience=patience))
+
+    nursery.start_soon(read)
+    return reads
 
 
 async def test_small_frames_on_their_way_become_one_read_once_it_is_full() -> None:
@@ -17,12 +31,7 @@ async def test_small_frames_on_their_way_become_one_read_once_it_is_full() -> No
         await raw.send(syn(1), data(1, b"a" * (4 * KiB)))
         stream = await session.accept_stream()
         async with trio.open_nursery() as nursery:
-            reads: list[bytes] = []
-
-            async def read() -> None:
-                reads.append(await stream.receive_at_least(64 * KiB, 64 * KiB, patience=60))
-
-            nursery.start_soon(read)
+            reads = start_reading(nursery, stream, 64 * KiB, patience=60)
             for _ in range(15):
                 await wait_all_tasks_blocked()
                 assert not reads  # still gathering
@@ -50,12 +59,7 @@ async def test_no_wait_for_more_than_the_peers_credit_lets_it_send(
         await raw.send(syn(1), data(1, b"a" * 100))
         stream = await session.accept_stream()
         async with trio.open_nursery() as nursery:
-            reads: list[bytes] = []
-
-            async def read() -> None:
-                reads.append(await stream.receive_at_least(1024 * KiB, 1024 * KiB, patience=1))
-
-            nursery.start_soon(read)
+            reads = start_reading(nursery, stream, 1024 * KiB, patience=1)
             await wait_all_tasks_blocked()
             await raw.send(data(1, b"b" * (INITIAL_WINDOW - 200)))
             await wait_all_tasks_blocked()
@@ -75,12 +79,7 @@ async def test_the_peers_fin_ends_the_wait_and_the_next_read_sees_it(
         await raw.send(syn(1), data(1, b"x" * 100))
         stream = await session.accept_stream()
         async with trio.open_nursery() as nursery:
-            reads: list[bytes] = []
-
-            async def read() -> None:
-                reads.append(await stream.receive_at_least(64 * KiB, 64 * KiB, patience=60))
-
-            nursery.start_soon(read)
+            reads = start_reading(nursery, stream, 64 * KiB, patience=60)
             await wait_all_tasks_blocked()
             await raw.send(data(1, b"yz", FIN))
         assert reads == [b"x" * 100 + b"yz"]
