@@ -88,12 +88,12 @@ async def serve_remote_proxy(
             sock.close()
         address = _address(config.tunnel_host, config.tunnel_port)
         raise cannot_listen(address, exc, "VISIONA_TUNNEL_PORT") from None
-    async with trio.open_nursery() as nursery:
+    async with verifier_from_config(config) as verifier, trio.open_nursery() as nursery:
         tunnel_urls = await nursery.start(
             functools.partial(
                 serve_tunnels,
                 state,
-                verifier_from_config(config),
+                verifier,
                 listeners=tunnel_listeners,
                 ssl_context=config.tunnel_ssl_context(),
                 shutdown_trigger=servers_done.wait,

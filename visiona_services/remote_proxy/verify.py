@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Self
 
+import httpx
 import trio
 
 from visiona_tunnel.admission import UNAUTHORIZED, VERIFIER_UNAVAILABLE, Refusal
-from visiona_tunnel.httpstream import http_exchange
 from visiona_tunnel.relay import TokenVerifier, VerifierUnavailable
 
 from ..common.internal_url import InternalUrl
@@ -34,6 +34,8 @@ VERIFY_PATH = "/internal/devices/verify"
 REFUSED_STATUSES = frozenset({401, 403, 404})
 #: The largest verify response read; a larger one is an error.
 MAX_RESPONSE_SIZE = 64 * 1024
+#: Connections to the api-server at most, kept alive between checks.
+MAX_CONNECTIONS = 16
 
 
 class StaticTokenVerifier:
@@ -49,6 +51,12 @@ class StaticTokenVerifier:
         await trio.lowlevel.checkpoint()
         return self._tokens.get(token)
 
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Nothing to close (the same shape as :class:`ApiServerVerifier`)."""
+
 
 class ApiServerVerifier:
     """Asks the api-server: ``POST {base_url}/internal/devices/verify`` with
@@ -57,25 +65,56 @@ class ApiServerVerifier:
     * 200 ``{"success": true, "data": {"device_id": "..."}}`` -> the device id;
     * 401, 403, 404 -> None;
     * anything else, a malformed 200, a connection failure or no answer within
-      ``timeout`` seconds -> :class:`VerifierUnavailable`.
+      ``timeout`` seconds (waiting for a connection included) -> :class:`VerifierUnavailable`.
 
-    One fresh connection per call (tunnel connects are rare; no pool to go stale).
-    Only ``http://`` base URLs: the internal API is meant for a private network.
+    Connections are kept alive and reused (httpx's pool), at most ``max_connections`` at
+    once: a restart storm asks thousands of times within seconds, and a fresh connection
+    per check doubled the remote-proxy's CPU per connect; more checks at once wait for a
+    connection, so the api-server sees a bounded number. Nothing is cached: a revoked or
+    unpaired device's token fails at its next connect. Only ``http://`` base URLs: the
+    internal API is meant for a private network. An async context manager; leaving it
+    (or :meth:`aclose`) closes the connections.
     """
 
-    def __init__(self, base_url: str, internal_secret: str, *, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        internal_secret: str,
+        *,
+        timeout: float = 5.0,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         url = InternalUrl.parse(base_url)  # ValueError: see ProxyConfig's check
         self.host, self.port, self.netloc = url.host, url.port, url.netloc
         self.target = url.prefix + VERIFY_PATH
         self.timeout = timeout
-        self._secret = internal_secret
+        self._client = httpx.AsyncClient(
+            headers={
+                "Authorization": f"Bearer {internal_secret}",
+                "Accept": "application/json",
+            },
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            timeout=timeout,
+            trust_env=False,  # no proxy or netrc from the environment for an internal call
+        )
 
     def __repr__(self) -> str:
         return f"ApiServerVerifier('http://{self.netloc}{self.target}')"
 
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
     async def __call__(self, token: str) -> str | None:
         with trio.move_on_after(self.timeout) as scope:
-            status, body = await self._post(json.dumps({"token": token}).encode())
+            status, body = await self._post(token)
         if scope.cancelled_caught:
             raise VerifierUnavailable(f"no answer from the api-server within {self.timeout} s")
         if status in REFUSED_STATUSES:
@@ -84,27 +123,18 @@ class ApiServerVerifier:
             raise VerifierUnavailable(f"the api-server answered HTTP {status}")
         return _device_id(body)
 
-    async def _post(self, payload: bytes) -> tuple[int, bytes]:
-        headers = [
-            ("Authorization", f"Bearer {self._secret}"),
-            ("Content-Type", "application/json"),
-            ("Accept", "application/json"),
-        ]
+    async def _post(self, token: str) -> tuple[int, bytes]:
+        url = f"http://{self.netloc}{self.target}"
         try:
-            stream = await trio.open_tcp_stream(self.host, self.port)
-        except OSError as exc:
-            raise VerifierUnavailable(f"cannot reach the api-server: {exc}") from exc
-        try:
-            async with http_exchange(
-                stream, "POST", self.target, headers, payload, host=self.netloc
-            ) as response:
+            async with self._client.stream("POST", url, json={"token": token}) as response:
                 body = bytearray()
-                async for chunk in response.body:
+                async for chunk in response.aiter_raw():
                     body += chunk
                     if len(body) > MAX_RESPONSE_SIZE:
                         raise VerifierUnavailable("the api-server's answer is too large")
-                return response.status, bytes(body)
-        except (trio.BrokenResourceError, OSError) as exc:  # ExchangeError included
+                return response.status_code, bytes(body)
+        except httpx.HTTPError as exc:
+            # Its message names the URL, never the token (that is in the body).
             raise VerifierUnavailable(f"the api-server request failed: {exc!r}") from exc
 
 
@@ -120,8 +150,9 @@ def _device_id(body: bytes) -> str:
     return device_id
 
 
-def verifier_from_config(config: ProxyConfig) -> TokenVerifier:
-    """``VISIONA_API_INTERNAL_URL`` set: ask the api-server; otherwise the static tokens."""
+def verifier_from_config(config: ProxyConfig) -> ApiServerVerifier | StaticTokenVerifier:
+    """``VISIONA_API_INTERNAL_URL`` set: ask the api-server; otherwise the static tokens.
+    Use it as an async context manager (the api-server's connections are closed on exit)."""
     if config.api_internal_url:
         return ApiServerVerifier(config.api_internal_url, config.internal_secret)
     tokens = config.static_token_table()
@@ -131,6 +162,7 @@ def verifier_from_config(config: ProxyConfig) -> TokenVerifier:
 
 
 __all__ = [
+    "MAX_CONNECTIONS",
     "MAX_RESPONSE_SIZE",
     "VERIFY_PATH",
     "ApiServerVerifier",

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 import trio
+import trio.lowlevel
 from support.tunnelhttp import Message, Receive, Send, read_body, run_lifespan, serve_on_loopback
 
 
@@ -21,12 +22,17 @@ class Seen:
     path: str
     headers: dict[bytes, bytes]
     body: bytes
+    #: The client's (host, port): one per connection.
+    client: tuple[str, int] | None = None
 
 
 @dataclass
 class FakeApiServer:
     port: int = 0
     requests: list[Seen] = field(default_factory=list)
+    #: Requests being answered now, and the most there were at once.
+    at_once: int = 0
+    most_at_once: int = 0
 
     @property
     def url(self) -> str:
@@ -36,9 +42,19 @@ class FakeApiServer:
         if scope["type"] == "lifespan":
             await run_lifespan(receive, send)
             return
+        self.at_once += 1
+        self.most_at_once = max(self.most_at_once, self.at_once)
+        try:
+            await self._answer(scope, receive, send)
+        finally:
+            self.at_once -= 1
+
+    async def _answer(self, scope: Message, receive: Receive, send: Send) -> None:
         body = await read_body(receive)
         headers = {name.lower(): value for name, value in scope["headers"]}
-        self.requests.append(Seen(scope["method"], scope["path"], headers, body))
+        client = tuple(scope["client"]) if scope.get("client") else None
+        self.requests.append(Seen(scope["method"], scope["path"], headers, body, client))
+        await trio.lowlevel.checkpoint()  # others may come in meanwhile
         token = json.loads(body)["token"]
         if token.startswith("good-"):
             status, answer = 200, {"success": True, "data": {"device_id": "dev-" + token[5:]}}

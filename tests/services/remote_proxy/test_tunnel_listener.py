@@ -15,6 +15,7 @@ import json
 import logging
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -367,11 +368,12 @@ def test_a_go_agents_largest_message_fits() -> None:
 
 
 @pytest.fixture
-async def api_listener(nursery: trio.Nursery) -> TunnelListener:
+async def api_listener(nursery: trio.Nursery) -> AsyncIterator[TunnelListener]:
     """The tunnel listener asking the fake api-server (``fakeapi``) about tokens:
     ``good-9`` is device ``dev-9``, ``status-N`` gets HTTP N from it."""
     api = await start_fake_api_server(nursery)
-    return await start_tunnel_listener(nursery, verifier=ApiServerVerifier(api.url, "s"))
+    async with ApiServerVerifier(api.url, "s") as verifier:
+        yield await start_tunnel_listener(nursery, verifier=verifier)
 
 
 async def test_api_server_verified_agent_comes_up(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,10 @@ async def api(nursery: trio.Nursery) -> FakeApiServer:
     return await start_fake_api_server(nursery)
 
 
-def verifier_for(api: FakeApiServer, *, timeout: float = 5.0) -> ApiServerVerifier:
-    return ApiServerVerifier(api.url, SECRET, timeout=timeout)
+@pytest.fixture
+async def verifier(api: FakeApiServer) -> AsyncIterator[ApiServerVerifier]:
+    async with ApiServerVerifier(api.url, SECRET) as verifier:
+        yield verifier
 
 
 # -- StaticTokenVerifier ------------------------------------------------------------------
@@ -53,14 +56,16 @@ def test_static_repr_hides_tokens() -> None:
 # -- ApiServerVerifier --------------------------------------------------------------------
 
 
-async def test_api_valid_token_gives_device_id(api: FakeApiServer) -> None:
+async def test_api_valid_token_gives_device_id(verifier: ApiServerVerifier) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        assert await verifier_for(api)("good-7") == "dev-7"
+        assert await verifier("good-7") == "dev-7"
 
 
-async def test_api_request_follows_the_contract(api: FakeApiServer) -> None:
+async def test_api_request_follows_the_contract(
+    api: FakeApiServer, verifier: ApiServerVerifier
+) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        await verifier_for(api)("good-7")
+        await verifier("good-7")
     [seen] = api.requests
     assert (seen.method, seen.path) == ("POST", "/internal/devices/verify")
     assert seen.headers[b"authorization"] == f"Bearer {SECRET}".encode()
@@ -70,36 +75,60 @@ async def test_api_request_follows_the_contract(api: FakeApiServer) -> None:
 
 async def test_api_base_url_path_is_a_prefix(api: FakeApiServer) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        await ApiServerVerifier(api.url + "/api/", SECRET)("good-1")
+        async with ApiServerVerifier(api.url + "/api/", SECRET) as verifier:
+            await verifier("good-1")
     assert api.requests[0].path == "/api/internal/devices/verify"
 
 
 @pytest.mark.parametrize("status", [401, 403, 404])
-async def test_api_refusal_gives_none(api: FakeApiServer, status: int) -> None:
+async def test_api_refusal_gives_none(verifier: ApiServerVerifier, status: int) -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        assert await verifier_for(api)(f"status-{status}") is None
+        assert await verifier(f"status-{status}") is None
 
 
 @pytest.mark.parametrize("status", [400, 500, 502, 503])
-async def test_api_other_status_is_unavailable(api: FakeApiServer, status: int) -> None:
+async def test_api_other_status_is_unavailable(verifier: ApiServerVerifier, status: int) -> None:
     with trio.fail_after(TEST_TIMEOUT), pytest.raises(VerifierUnavailable):
-        await verifier_for(api)(f"status-{status}")
+        await verifier(f"status-{status}")
 
 
-async def test_api_malformed_answer_is_unavailable(api: FakeApiServer) -> None:
+async def test_api_malformed_answer_is_unavailable(verifier: ApiServerVerifier) -> None:
     with trio.fail_after(TEST_TIMEOUT), pytest.raises(VerifierUnavailable):
-        await verifier_for(api)("garbled")
+        await verifier("garbled")
 
 
 async def test_api_no_answer_in_time_is_unavailable(api: FakeApiServer) -> None:
-    with trio.fail_after(TEST_TIMEOUT), pytest.raises(VerifierUnavailable):
-        await verifier_for(api, timeout=0.2)("slow")
+    async with ApiServerVerifier(api.url, SECRET, timeout=0.2) as verifier:
+        with trio.fail_after(TEST_TIMEOUT), pytest.raises(VerifierUnavailable):
+            await verifier("slow")
 
 
 async def test_api_unreachable_is_unavailable() -> None:
-    verifier = ApiServerVerifier(f"http://127.0.0.1:{closed_port()}", SECRET)
-    with trio.fail_after(TEST_TIMEOUT), pytest.raises(VerifierUnavailable):
-        await verifier("good-1")
+    async with ApiServerVerifier(f"http://127.0.0.1:{closed_port()}", SECRET) as verifier:
+        with trio.fail_after(TEST_TIMEOUT), pytest.raises(VerifierUnavailable):
+            await verifier("good-1")
+
+
+async def test_api_checks_reuse_kept_alive_connections(
+    api: FakeApiServer, verifier: ApiServerVerifier
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        for n in range(5):
+            assert await verifier(f"good-{n}") == f"dev-{n}"
+    assert len({seen.client for seen in api.requests}) == 1
+
+
+async def test_api_checks_at_once_share_a_bounded_number_of_connections(
+    api: FakeApiServer,
+) -> None:
+    async with ApiServerVerifier(api.url, SECRET, max_connections=2) as verifier:
+        with trio.fail_after(TEST_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for n in range(20):
+                    nursery.start_soon(verifier, f"good-{n}")
+    assert len(api.requests) == 20
+    assert api.most_at_once <= 2
+    assert len({seen.client for seen in api.requests}) <= 2
 
 
 BAD_API_URLS = [
