@@ -108,7 +108,7 @@ async def _serve_local(stream: trio.SocketStream) -> None:
                 return
 
 
-async def run_agents(relay_url: str, first: int, count: int) -> None:
+async def run_agents(relay_url: str, first: int, count: int, restart_spread: float) -> None:
     """``count`` agents, tokens ``token-<first>`` ..., until stdin closes."""
     logging.getLogger("visiona_tunnel").setLevel(logging.CRITICAL)  # thousands of agents
     # The agents stand for thousands of separate devices: this process's own collector
@@ -131,15 +131,14 @@ async def run_agents(relay_url: str, first: int, count: int) -> None:
         online -= 1
 
     hooks = ClientHooks(on_dial_attempt=dialled, on_session_up=up, on_session_down=down)
+    config = ClientConfig(restart_spread=restart_spread)
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(
             functools.partial(trio.serve_tcp, _serve_local, 0, host=HOST)
         )
         local = (HOST, listeners[0].socket.getsockname()[1])
         for n in range(first, first + count):
-            client = TunnelClient(
-                relay_url, f"token-{n}", local, hooks=hooks, config=ClientConfig()
-            )
+            client = TunnelClient(relay_url, f"token-{n}", local, hooks=hooks, config=config)
             nursery.start_soon(client.run)
         stdin = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
         async with trio.open_nursery() as reporting:
@@ -162,7 +161,7 @@ async def run_agents(relay_url: str, first: int, count: int) -> None:
 class Load:
     """A load process and its latest status line."""
 
-    def __init__(self, relay_url: str, first: int, count: int) -> None:
+    def __init__(self, relay_url: str, first: int, count: int, restart_spread: float) -> None:
         command = [
             sys.executable,
             "-m",
@@ -175,6 +174,8 @@ class Load:
             str(first),
             "--count",
             str(count),
+            "--restart-spread",
+            str(restart_spread),
         ]
         self.proc = subprocess.Popen(
             command,
@@ -381,8 +382,13 @@ def _health_poller(proxy: Proxy) -> Iterator[list[float]]:
         thread.join()
 
 
-def measure(agents: int, loads: int, forwards: int, restart: bool, limit: float) -> dict[str, Any]:
-    record: dict[str, Any] = {"agents": agents, "loads": loads}
+def measure(args: argparse.Namespace, agents: int) -> dict[str, Any]:
+    loads, forwards, restart, limit = args.loads, args.forwards, not args.no_restart, args.limit
+    record: dict[str, Any] = {
+        "agents": agents,
+        "loads": loads,
+        "restart_spread": args.restart_spread,
+    }
     tunnel_port, internal_port = _free_ports(2)
     with tempfile.TemporaryDirectory() as workdir:
         tokens_file = Path(workdir) / "tokens"
@@ -397,7 +403,7 @@ def measure(agents: int, loads: int, forwards: int, restart: bool, limit: float)
             rss_before = proxy.rss_bytes()
             share = -(-agents // loads)
             running = [
-                Load(relay_url, first, min(share, agents - first))
+                Load(relay_url, first, min(share, agents - first), args.restart_spread)
                 for first in range(0, agents, share)
             ]
             record["connect_s"] = _wait_for(proxy, agents, limit, running)
@@ -478,11 +484,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--relay-url", help=argparse.SUPPRESS)
     parser.add_argument("--first", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--restart-spread",
+        type=float,
+        default=ClientConfig().restart_spread,
+        help="the agents' ClientConfig.restart_spread (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if args.role == "agents":
-        trio.run(run_agents, args.relay_url, args.first, args.count)
+        trio.run(run_agents, args.relay_url, args.first, args.count, args.restart_spread)
         return 0
     print(
         f"# many_agents: {time.strftime('%Y-%m-%d %H:%M:%S %z')}, {os.cpu_count()} CPUs, "
@@ -497,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     records = []
     for agents in (int(n) for n in args.agents.split(",")):
-        record = measure(agents, args.loads, args.forwards, not args.no_restart, args.limit)
+        record = measure(args, agents)
         records.append(record)
         print(_row(record), flush=True)
     if args.json:

@@ -111,7 +111,7 @@ class ClientConfig:
     redial_spread: float = 1.0
     #: The same when the relay closed the tunnel as *going away* (1001: it is restarting
     #: or shutting down): it needs time to come back, and every agent it had redials now.
-    restart_spread: float = 5.0
+    restart_spread: float = 10.0
     #: Dial plus WebSocket handshake must finish within this.
     connect_timeout: float = 10.0
     #: A forwarded request with no byte moving either way for this long is abandoned.
