@@ -7,7 +7,7 @@ route                                              answer
 ``GET /internal/sessions``                         ``{"success": true, "data": [session, ...]}``
 ``GET /internal/sessions/{device_id}``             one session; 404 ``SESSION_NOT_FOUND``
 ``DELETE /internal/sessions/{device_id}``          closes the tunnel (GoAway, then WebSocket
-                                                   close 1000; the agent redials at once);
+                                                   close 1000; our agent redials within 1 s);
                                                    ``{"device_id": ..., "closed": true}``; 404
 ``ANY /internal/forward/{device_id}/{path}``       an HTTP request to the device's local server
                                                    (raw ASGI, :mod:`.http_forward`)
