@@ -17,10 +17,10 @@ __all__ = ["GcPauses", "gc_pauses"]
 
 
 class GcPauses:
-    """Collections seen since the hook was installed: count, total and longest pause (s)."""
+    """Collections seen since the hook was installed: the total and the longest pause (s),
+    by generation."""
 
     def __init__(self) -> None:
-        self.collections = [0, 0, 0]
         self.total = [0.0, 0.0, 0.0]
         self.longest = [0.0, 0.0, 0.0]
         self._started = 0.0
@@ -31,7 +31,6 @@ class GcPauses:
             return
         pause = time.perf_counter() - self._started
         generation = info["generation"]
-        self.collections[generation] += 1
         self.total[generation] += pause
         self.longest[generation] = max(self.longest[generation], pause)
 

@@ -96,8 +96,7 @@ class Stream(trio.abc.HalfCloseableStream):
                 blocked = True
             else:
                 self._raise_if_unusable()
-                data = self._chunks.take(max_bytes)
-                self._session.consumed(self, len(data))
+                data = self._take(max_bytes)
             if not blocked:
                 await trio.lowlevel.cancel_shielded_checkpoint()
             return data
@@ -136,9 +135,13 @@ class Stream(trio.abc.HalfCloseableStream):
                         self._receive_waiter = None
             if not self._chunks or self._closed or self._reset:
                 return data  # an ending is for the next read to report
-            more = self._chunks.take(max_bytes - len(data))
-            self._session.consumed(self, len(more))
-            return data + more
+            return data + self._take(max_bytes - len(data))
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        """Held bytes (some must be), at most ``max_bytes``; the peer is credited for them."""
+        data = self._chunks.take(max_bytes)
+        self._session.consumed(self, len(data))
+        return data
 
     def _ended_for_reading(self) -> bool:
         return self._eof or self._closed or self._reset or self._session.is_closed
